@@ -1,0 +1,12 @@
+"""kvsqueeze: compress the KV cache of any Hugging Face causal LM, and really free the memory."""
+
+from .budgets import Pyramid, Uniform
+from .cache import EvictingLayer, SlidingWindowLayer, SqueezeCache, as_squeeze_cache
+from .methods import *  # noqa: F401,F403  every method class, by name
+from .methods import Method, MissingAttentionWeights, ScorerMethod, UnknownMethodError, available, l2_compress, method
+from .models import load
+from .pipeline import (CompressedContext, CompressionStats, ContextTooLongError, CorruptContextError,
+                       ModelMismatchError, compress)
+from .attention import UnsupportedModelError
+
+__version__ = "0.1.0"

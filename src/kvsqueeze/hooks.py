@@ -1,0 +1,208 @@
+"""Forward hooks on a model's attention modules, and the per-layer context handed to a method.
+
+`with method.apply(model):` registers, for every attention module, a forward hook (with kwargs) that
+runs once the module has attended and updated its cache layer; the method then decides what the
+layer keeps. Nothing in the model's code is patched: the hooks are removed on exit.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from . import attention
+from .cache import EvictingLayer, SqueezeCache, layer_types
+
+if TYPE_CHECKING:
+    from .methods.base import Method
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's attention modules, in layer order. Raises if none can be hooked."""
+    found = {}
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention") and isinstance(getattr(module, "layer_idx", None), int):
+            found.setdefault(module.layer_idx, module)
+    if not found:
+        raise attention.UnsupportedModelError(
+            f"{type(model).__name__} has no attention modules kvsqueeze can hook (modules named *Attention "
+            "with a layer_idx, as in transformers' decoder-only models)")
+    return [found[i] for i in sorted(found)]
+
+
+def rotary_embedding(model: nn.Module) -> nn.Module | None:
+    return next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class LayerContext:
+    """What a method may use about one attention layer in one forward. Derived values are computed once, lazily.
+
+    Shapes: keys/values [batch, kv_heads, stored, head_dim] (what the layer holds, the new tokens last);
+    hidden_states [batch, new, hidden]; queries [batch, heads, new, head_dim].
+    """
+
+    module: nn.Module
+    layer: EvictingLayer
+    hidden_states: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    attention_weights: torch.Tensor | None = None
+    captured_queries: torch.Tensor | None = field(default=None, repr=False)
+    rotary_embedding: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def layer_idx(self) -> int:
+        return self.module.layer_idx
+
+    @property
+    def config(self):
+        return self.module.config.get_text_config()
+
+    @cached_property
+    def depth(self) -> tuple[int, int]:
+        """(rank of this layer among the compressible layers, how many there are): what layer schedules use."""
+        compressible = [i for i, kind in enumerate(layer_types(self.config)) if kind == "full_attention"]
+        return compressible.index(self.layer_idx), len(compressible)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.layer.keys
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.layer.values
+
+    @property
+    def n_stored(self) -> int:
+        return self.layer.keys.shape[-2]
+
+    @property
+    def n_new(self) -> int:
+        return self.hidden_states.shape[1]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.keys.shape[-1]
+
+    @property
+    def scaling(self) -> float:
+        return getattr(self.module, "scaling", self.head_dim ** -0.5)
+
+    @property
+    def queries(self) -> torch.Tensor:
+        """Queries of the new tokens as attention saw them (after RoPE and any query norm)."""
+        if self.captured_queries is None:
+            raise RuntimeError("the queries of this layer were not observed: is the model's attention routed "
+                               "through kvsqueeze (kvsqueeze.attention.install)?")
+        return self.captured_queries
+
+    @cached_property
+    def pre_rope_queries(self) -> torch.Tensor:
+        """Queries before the rotary embedding (the inverse rotation of `queries`)."""
+        if self.position_embeddings is None:
+            raise RuntimeError(f"{type(self.module).__name__} gets no rotary position embeddings from its caller")
+        cos, sin = (t.unsqueeze(1).to(self.queries.dtype) for t in self.position_embeddings)
+        rotary = cos.shape[-1]
+        q_rot, q_pass = self.queries[..., :rotary], self.queries[..., rotary:]
+        return torch.cat([q_rot * cos - rotate_half(q_rot) * sin, q_pass], dim=-1)
+
+    def rotary_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's rotary (cos, sin) for logical `positions` (e.g. future ones), each [1, len(positions), rotary_dim]."""
+        if self.rotary_embedding is None:
+            raise RuntimeError(f"no rotary embedding module was found in the model of {type(self.module).__name__}")
+        kwargs = {}
+        if "layer_type" in inspect.signature(self.rotary_embedding.forward).parameters:
+            kwargs["layer_type"] = self.config.layer_types[self.layer_idx]
+        return self.rotary_embedding(self.queries, positions[None].to(self.queries.device), **kwargs)
+
+    @property
+    def group_size(self) -> int:
+        return self.queries.shape[1] // self.n_kv_heads
+
+    def last_queries_attention(self, n: int) -> torch.Tensor:
+        """Attention probabilities of the last `n` new queries over all stored keys: [batch, heads, n, stored].
+
+        Causal: query i of the window sees the stored keys up to its own position.
+        """
+        queries = self.queries[:, :, -n:]
+        keys = self.keys.repeat_interleave(self.group_size, dim=1)
+        logits = torch.matmul(queries, keys.transpose(-1, -2)).float() * self.scaling
+        future = torch.ones(n, n, dtype=torch.bool, device=logits.device).triu(1)
+        logits[..., -n:] = logits[..., -n:].masked_fill(future, float("-inf"))
+        return logits.softmax(dim=-1)
+
+    def per_kv_head(self, per_query_head: torch.Tensor) -> torch.Tensor:
+        """Average a [batch, heads, ...] tensor over the query heads that share each KV head."""
+        batch, heads = per_query_head.shape[:2]
+        return per_query_head.view(batch, self.n_kv_heads, heads // self.n_kv_heads, *per_query_head.shape[2:]).mean(2)
+
+
+def _ensure_squeeze_cache(model: nn.Module):
+    """A pre-hook giving the model a SqueezeCache when it was called with none (or with an empty default cache)."""
+
+    def pre_hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if kwargs.get("use_cache") is False or isinstance(cache, SqueezeCache):
+            return None
+        if cache is None or (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0):
+            kwargs["past_key_values"] = SqueezeCache(model.config)
+            return args, kwargs
+        raise TypeError(f"kvsqueeze methods compress a SqueezeCache; got a filled {type(cache).__name__}")
+
+    return pre_hook
+
+
+@contextmanager
+def hooked(model: nn.Module, method: "Method"):
+    """Run `method` after every attention layer of `model` while the context is open."""
+    modules = attention_modules(model)
+    attention.install(model)
+    rotary = rotary_embedding(model)
+    captured: dict[nn.Module, torch.Tensor] = {}
+
+    def after_attention(module, args, kwargs, output):
+        query = captured.pop(module, None)
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            return
+        if not isinstance(cache, SqueezeCache):
+            raise TypeError(f"kvsqueeze methods compress a SqueezeCache; got {type(cache).__name__}")
+        layer = cache.layers[module.layer_idx]
+        if not isinstance(layer, EvictingLayer) or not layer.is_initialized:
+            return  # sliding-window layers are bounded by the model itself
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        ctx = LayerContext(module=module, layer=layer, hidden_states=hidden,
+                           position_embeddings=kwargs.get("position_embeddings"),
+                           attention_weights=weights, captured_queries=query, rotary_embedding=rotary)
+        if method.acts_on(ctx):
+            with torch.no_grad():
+                method.compress(ctx)
+
+    handles = [model.register_forward_pre_hook(_ensure_squeeze_cache(model), with_kwargs=True)]
+    for module in modules:
+        handles.append(module.register_forward_hook(after_attention, with_kwargs=True))
+        attention.query_observers[module] = lambda query, module=module: captured.__setitem__(module, query)
+    try:
+        yield method
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in modules:
+            attention.query_observers.pop(module, None)

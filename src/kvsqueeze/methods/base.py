@@ -1,0 +1,86 @@
+"""What every method is: a decision, after each attention layer, about what the cache layer keeps."""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import AbstractContextManager
+from typing import ClassVar
+
+import torch
+
+from ..budgets import Uniform
+from ..hooks import LayerContext, hooked
+
+REGISTRY: dict[str, type["Method"]] = {}
+
+
+class Method:
+    """Base of all methods. Subclasses set `name` (their registry name) and implement `compress`.
+
+    `phase` says when the method acts: "prefill" methods compress the tokens of a forward that adds
+    several tokens (the context, or a chunk of it); "decode" methods act while generating.
+    """
+
+    name: ClassVar[str] = ""
+    phase: ClassVar[str] = "prefill"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            if cls.name in REGISTRY:
+                raise ValueError(f"two methods are named {cls.name!r}")
+            REGISTRY[cls.name] = cls
+
+    @classmethod
+    def summary(cls) -> str:
+        """The one line of the docstring that says what the method keeps."""
+        return inspect.getdoc(cls).splitlines()[0]
+
+    def apply(self, model: torch.nn.Module) -> AbstractContextManager["Method"]:
+        """`with method.apply(model): ...` compresses while the block runs, then removes every hook."""
+        self.setup(model)
+        return hooked(model, self)
+
+    def setup(self, model: torch.nn.Module) -> None:
+        """Called once before the hooks are registered (load statistics, check the model...)."""
+
+    def acts_on(self, ctx: LayerContext) -> bool:
+        """Whether this forward is one the method compresses."""
+        prefill = ctx.n_new > 1 or ctx.layer.seen == ctx.n_new
+        return prefill if self.phase == "prefill" else not prefill
+
+    def compress(self, ctx: LayerContext) -> None:
+        raise NotImplementedError
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
+        return f"{type(self).__name__}({args})"
+
+    def describe(self) -> dict:
+        """The method's settings, as given to its constructor."""
+        return {}
+
+
+class ScorerMethod(Method):
+    """A method that scores every stored token (higher = keep) and lets a budget choose the kept ones."""
+
+    def __init__(self, ratio: float | None = None, budget: int | None = None):
+        self.budget = Uniform(ratio=0.5 if ratio is None and budget is None else ratio, tokens=budget)
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        """Scores of shape [batch, kv_heads, stored]."""
+        raise NotImplementedError
+
+    def compress(self, ctx: LayerContext) -> None:
+        if self.budget.n_keep(ctx.n_stored, *ctx.depth) >= ctx.n_stored:
+            return  # nothing to remove: skip scoring, so ratio 0 reproduces the model exactly
+        keep = self.budget.select(self.score(ctx), *ctx.depth)
+        if keep is not None:
+            ctx.layer.keep(keep)
+
+    def describe(self) -> dict:
+        return self.budget.describe() | self.settings()
+
+    def settings(self) -> dict:
+        """Method-specific settings for `describe()`."""
+        return {}

@@ -1,0 +1,64 @@
+import torch
+import torch.nn.functional as F
+
+from ..hooks import LayerContext
+from .base import ScorerMethod
+
+
+def mean_rotation(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The RoPE rotation matrix averaged over positions: mean of diag(cos) + diag(sin) @ P, with P q = rotate_half(q)."""
+    rotary = cos.shape[-1]
+    half = rotary // 2
+    swap = torch.zeros(rotary, rotary, dtype=cos.dtype, device=cos.device)
+    swap[:half, half:] = -torch.eye(half)
+    swap[half:, :half] = torch.eye(half)
+    rotation = torch.diag_embed(cos.mean(0)) + sin.mean(0)[:, None] * swap
+    full = torch.eye(head_dim, dtype=cos.dtype, device=cos.device)
+    full[:rotary, :rotary] = rotation  # dimensions beyond the rotary ones are not rotated
+    return full
+
+
+class ExpectedAttention(ScorerMethod):
+    """Keeps the tokens that future queries are expected to attend to most, weighted by their value norm.
+
+    Devoto et al., "Expected Attention: KV Cache Compression by Estimating Attention from Future
+    Queries Distribution", arXiv:2510.00636. The queries of the context (after their norm, before
+    RoPE; the first `n_sink` left out) give a Gaussian; it is rotated by the mean RoPE rotation of the
+    next `n_future_positions` positions, and the expected attention of each key under it,
+    softmax(s·mu·k + s²/2·k'Σk), is averaged over the query heads of a KV head and multiplied by
+    the value norm. The sinks are always kept. Defaults are the paper's.
+    """
+
+    name = "expected_attention"
+
+    def __init__(self, ratio=None, budget=None, n_future_positions: int = 512, n_sink: int = 4,
+                 use_covariance: bool = True, use_vnorm: bool = True, epsilon: float = 0.0):
+        super().__init__(ratio, budget)
+        self.n_future_positions, self.n_sink = n_future_positions, n_sink
+        self.use_covariance, self.use_vnorm, self.epsilon = use_covariance, use_vnorm, epsilon
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        n_sink = min(self.n_sink, ctx.n_stored - 1)
+        queries = ctx.pre_rope_queries.float()
+        queries = queries[:, :, n_sink:] if queries.shape[2] > n_sink else queries
+        mean = queries.mean(dim=2)  # [batch, heads, d]
+        future = torch.arange(ctx.layer.seen, ctx.layer.seen + self.n_future_positions)
+        cos, sin = (t[0].float() for t in ctx.rotary_at(future))
+        rotation = mean_rotation(cos, sin, ctx.head_dim)
+        mean = mean @ rotation.T
+
+        keys = ctx.keys[:, :, n_sink:].float().repeat_interleave(ctx.group_size, dim=1)
+        logits = torch.einsum("bhd,bhnd->bhn", mean, keys) * ctx.scaling
+        if self.use_covariance:
+            centred = queries - queries.mean(dim=2, keepdim=True)
+            covariance = centred.transpose(-1, -2) @ centred / centred.shape[2]
+            covariance = rotation @ covariance @ rotation.T
+            logits += 0.5 * ctx.scaling ** 2 * ((keys @ covariance) * keys).sum(-1)
+        scores = ctx.per_kv_head(logits.softmax(dim=-1))
+        if self.use_vnorm:
+            scores = (scores + self.epsilon) * ctx.values[:, :, n_sink:].float().norm(dim=-1)
+        return F.pad(scores, (n_sink, 0), value=float("inf"))
+
+    def settings(self):
+        return {"n_future_positions": self.n_future_positions, "n_sink": self.n_sink,
+                "use_covariance": self.use_covariance, "use_vnorm": self.use_vnorm, "epsilon": self.epsilon}

