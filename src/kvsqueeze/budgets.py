@@ -6,6 +6,8 @@ Scorers never hard-code a budget; they are given one (`ratio=` or `budget=`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -57,7 +59,8 @@ class Uniform(Budget):
     def n_keep(self, n_tokens, layer_idx=0, n_layers=1):
         if self.tokens is not None:
             return min(self.tokens, n_tokens)
-        return n_tokens if self.ratio == 0 else int(n_tokens * (1 - self.ratio))
+        # floor(n (1 - ratio)) as kvpress keeps, with a tolerance so that 50 * (1 - 0.8) keeps 10, not 9
+        return n_tokens if self.ratio == 0 else math.floor(n_tokens * (1 - self.ratio) + 1e-6)
 
     def describe(self) -> dict:
         return {"ratio": self.ratio} if self.tokens is None else {"budget": self.tokens}

@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
 
 from . import attention
 from .cache import EvictingLayer, SlidingWindowLayer, SqueezeCache
+from .hooks import attention_modules
 from .methods import Method
 from .prompt import Prompt
 
@@ -92,6 +94,9 @@ def compress(model, tokenizer, context: str | torch.Tensor, method: Method | Non
     `context` is text (placed in the user turn of the chat template, when the tokenizer has one) or
     token ids [1, n] used as they are.
     """
+    if not isinstance(model, PreTrainedModel):
+        raise attention.UnsupportedModelError(f"kvsqueeze compresses transformers models; got {type(model).__name__}")
+    attention_modules(model)  # raises if nothing can be hooked
     prompt = Prompt.for_tokenizer(tokenizer, chat_template) if tokenizer is not None else None
     if isinstance(context, str):
         if prompt is None:

@@ -2,6 +2,7 @@ import math
 
 import torch
 
+from .. import attention
 from ..budgets import top_k_mask
 from ..cache import EvictingLayer, as_squeeze_cache
 from ..hooks import LayerContext
@@ -22,21 +23,27 @@ class KNorm(ScorerMethod):
         return -ctx.keys.float().norm(dim=-1)
 
 
-def l2_compress(past_key_values, keep_ratio: float = 1.0, prune_after: int = 2048, skip_layers=()):
+def l2_compress(past_key_values, keep_ratio: float = 1.0, prune_after: int = 2048, skip_layers=(), model=None):
     """Compress a filled cache by key norm, with the semantics of the L2-norm paper's own function.
 
     Every layer not in `skip_layers` that holds at least `prune_after` tokens keeps
     ceil(keep_ratio * tokens) tokens per head, those with the smallest key norm. Unlike the paper's
     code, kept tokens stay in their original order (attention does not depend on it: positions are
     already in the keys). Takes a transformers `Cache` (e.g. `outputs.past_key_values`), a
-    `SqueezeCache` or a list of (keys, values); returns a `SqueezeCache` that shares the kept tensors'
-    storage with nothing (evicted tokens are freed once the input cache is dropped) and remembers the
-    logical length, so the next forward continues at the right positions.
+    `SqueezeCache` or a list of (keys, values); returns a new `SqueezeCache` (evicted tokens are
+    freed once the input cache is dropped) that remembers the logical length, so the next forward
+    continues at the right positions.
+
+    Skipped or short layers keep more tokens than the others, and a multi-token forward on such a
+    cache needs each layer's own mask: pass `model=` (or call `kvsqueeze.attention.install(model)`
+    once) to route the model's attention through kvsqueeze.
     """
     if not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio is the fraction of tokens kept and must be in (0, 1]; got {keep_ratio}")
     if prune_after < 0:
         raise ValueError(f"prune_after must be >= 0; got {prune_after}")
+    if model is not None:
+        attention.install(model)
     cache = as_squeeze_cache(past_key_values)
     for index, layer in enumerate(cache.layers):
         if index in set(skip_layers) or not isinstance(layer, EvictingLayer) or layer.stored < max(prune_after, 1):

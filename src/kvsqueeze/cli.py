@@ -1,0 +1,149 @@
+"""The `kvsqueeze` command.
+
+    kvsqueeze                 demo: the built-in document, full cache vs the default method, side by side
+    kvsqueeze ask FILE -q Q   answer a question about a file (or stdin), full vs compressed
+    kvsqueeze methods         every method with what it keeps
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+import time
+from importlib.resources import files
+
+from . import methods as method_registry
+from .models import DEFAULT_MODEL
+
+DEFAULT_METHOD = "streaming_llm"
+DEMO_QUESTION = "How many bay leaves does the lighthouse keeper's secret fish stew recipe use?"
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def build_method(name: str, ratio: float | None, budget: int | None):
+    kwargs = {"budget": budget} if budget is not None else {"ratio": 0.5 if ratio is None else ratio}
+    return method_registry.method(name, **kwargs)
+
+
+def run(model, tokenizer, context: str, question: str, method, max_new_tokens: int) -> dict:
+    from .pipeline import compress
+
+    ctx = compress(model, tokenizer, context, method)
+    start = time.perf_counter()
+    answer = ctx.ask(question, max_new_tokens=max_new_tokens)
+    return {"answer": answer, "ctx": ctx, "answer_seconds": time.perf_counter() - start}
+
+
+def side_by_side(question: str, runs: list[tuple[str, dict]], width: int = 38) -> str:
+    """A table with one column per run: answer, cache bytes held, times."""
+    full = runs[0][1]["ctx"].stats.bytes_held
+
+    def cell_rows(result):
+        stats = result["ctx"].stats
+        held = megabytes(stats.bytes_held)
+        if stats.bytes_held != full:
+            held += f" ({100 * stats.bytes_held / full:.0f}%)"
+        return {"answer": textwrap.wrap(result["answer"], width) or [""],
+                "cache held": [held],
+                "tokens kept": [f"{100 * (1 - stats.compression_ratio):.0f}% of {stats.context_tokens}"],
+                "prefill+compress": [f"{stats.seconds:.1f} s"],
+                "answer time": [f"{result['answer_seconds']:.1f} s"]}
+
+    cells = [cell_rows(result) for _, result in runs]
+    lines = [f"Question: {question}", "", f"{'':18}" + "".join(f"{title:<{width + 2}}" for title, _ in runs)]
+    for row in cells[0]:
+        height = max(len(c[row]) for c in cells)
+        for i in range(height):
+            label = row if i == 0 else ""
+            lines.append(f"{label:18}" + "".join(f"{(c[row][i] if i < len(c[row]) else ''):<{width + 2}}" for c in cells))
+    return "\n".join(lines)
+
+
+def ask_command(args) -> int:
+    from . import models
+
+    if args.file in (None, "-"):
+        if sys.stdin.isatty() and args.file is None:
+            print("kvsqueeze ask: give a FILE, or pipe the context on stdin", file=sys.stderr)
+            return 2
+        context = sys.stdin.read()
+    else:
+        context = open(args.file, encoding="utf-8").read()
+    method = build_method(args.method, args.ratio, args.budget)
+    model, tokenizer = models.load(args.model, attn_implementation=args.attn)
+    runs = []
+    if not args.no_full:
+        runs.append(("full cache", run(model, tokenizer, context, args.question, None, args.max_new_tokens)))
+    runs.append((repr(method), run(model, tokenizer, context, args.question, method, args.max_new_tokens)))
+    print(side_by_side(args.question, runs))
+    return 0
+
+
+def demo_command(args) -> int:
+    from . import models
+
+    document = files("kvsqueeze").joinpath("data/document.txt").read_text()
+    method = build_method(args.method, args.ratio, None)
+    print(f"kvsqueeze demo: the bundled SmolLM2-135M-Instruct answers a question about a built-in document,\n"
+          f"first with its full KV cache, then with {method!r}.\n", flush=True)
+    model, tokenizer = models.load(DEFAULT_MODEL)
+    runs = [("full cache", run(model, tokenizer, document, DEMO_QUESTION, None, args.max_new_tokens)),
+            (f"{method.name} ratio={method.budget.ratio}",
+             run(model, tokenizer, document, DEMO_QUESTION, method, args.max_new_tokens))]
+    print(side_by_side(DEMO_QUESTION, runs))
+    return 0
+
+
+def methods_command(args) -> int:
+    registry = method_registry.available()
+    width = max(map(len, registry))
+    for name, cls in registry.items():
+        print(f"{name:<{width}}  {cls.__name__:<18} {cls.summary()}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="kvsqueeze", description="Compress the KV cache of a Hugging Face causal LM. "
+                                  "With no command: a demo on the bundled model and a built-in document.")
+    top.add_argument("--method", default=DEFAULT_METHOD, help=f"method for the demo (default {DEFAULT_METHOD})")
+    top.add_argument("--ratio", type=float, default=0.5, help="fraction of the context's cache removed (demo)")
+    top.add_argument("--max-new-tokens", type=int, default=40)
+    commands = top.add_subparsers(dest="command", metavar="COMMAND")
+
+    ask = commands.add_parser("ask", help="answer a question about a document, full vs compressed",
+                              description="Compress a document's KV cache and answer a question about it; prints "
+                                          "the answers and the memory held and time taken, full vs compressed.")
+    ask.add_argument("file", nargs="?", help="the document (default: stdin)")
+    ask.add_argument("-q", "--question", required=True)
+    ask.add_argument("-m", "--method", default=DEFAULT_METHOD, help="registry name (see `kvsqueeze methods`)")
+    budget = ask.add_mutually_exclusive_group()
+    budget.add_argument("-r", "--ratio", type=float, help="fraction removed, in [0, 1) (default 0.5)")
+    budget.add_argument("-b", "--budget", type=int, help="tokens kept per head instead of a ratio")
+    ask.add_argument("--model", default=None, help="hub id or local folder (default: the bundled SmolLM2)")
+    ask.add_argument("--attn", default="sdpa", help="attention implementation: sdpa, eager, flash_attention_2")
+    ask.add_argument("--max-new-tokens", type=int, default=128)
+    ask.add_argument("--no-full", action="store_true", help="skip the full-cache run")
+    ask.set_defaults(handler=ask_command)
+
+    listing = commands.add_parser("methods", help="list every method and what it keeps",
+                                  description="List every method: registry name, class, what it keeps.")
+    listing.set_defaults(handler=methods_command)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    handler = getattr(args, "handler", demo_command)
+    try:
+        return handler(args)
+    except (ValueError, KeyError, OSError) as error:
+        print(f"kvsqueeze: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Masks and positions on a compressed cache: each layer attends to its own stored tokens, positions continue."""
+
+import pytest
+import torch
+
+import kvsqueeze
+from kvsqueeze import attention
+from conftest import random_ids, tiny_model
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma3"])
+def test_a_question_at_once_equals_the_question_token_by_token(family, attn):
+    """Layers of different lengths (PyramidKV) each get their own causal mask for a multi-token question.
+
+    A single-token step needs no mask, so feeding the question one token at a time is the reference.
+    """
+    model = tiny_model(family, attn=attn, num_hidden_layers=6,
+                       **({"layer_types": ["sliding_attention", "full_attention"] * 3} if family == "gemma3" else {}))
+    ctx = kvsqueeze.compress(model, None, random_ids(90), kvsqueeze.PyramidKV(ratio=0.6, window_size=4))
+    lengths = [layer.stored for layer in ctx.cache.layers if isinstance(layer, kvsqueeze.EvictingLayer)]
+    assert len(set(lengths)) > 1, "the layers must hold different numbers of tokens"
+    question = random_ids(6, seed=5)
+    with torch.no_grad():
+        at_once = model(question, past_key_values=ctx.cache.fork()).logits
+        cache = ctx.cache.fork()
+        one_by_one = torch.cat([model(question[:, i:i + 1], past_key_values=cache).logits for i in range(6)], 1)
+    assert torch.allclose(at_once, one_by_one, atol=1e-5)
+
+
+def test_positions_continue_from_the_logical_length():
+    model = tiny_model("llama")
+    ctx = kvsqueeze.compress(model, None, random_ids(50), kvsqueeze.KNorm(ratio=0.8))
+    assert ctx.cache.layers[0].stored == 10 and ctx.cache.get_seq_length() == 50
+    seen = []
+    handle = model.model.rotary_emb.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["position_ids"].flatten().tolist()), with_kwargs=True)
+    try:
+        ctx.generate(random_ids(3, seed=1), max_new_tokens=3)
+    finally:
+        handle.remove()
+    assert seen == [[50, 51, 52], [53], [54]]
+
+
+def test_sampling_streaming_and_stop_strings_run_on_a_compressed_context(bundled):
+    from transformers import TextIteratorStreamer
+    model, tokenizer = bundled
+    ctx = kvsqueeze.compress(model, tokenizer, "The cat sat on the mat. " * 40, kvsqueeze.SnapKV(ratio=0.5))
+    torch.manual_seed(0)
+    sampled = ctx.ask("Where did the cat sit?", do_sample=True, temperature=0.8, top_p=0.9, max_new_tokens=12)
+    assert isinstance(sampled, str) and sampled
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    ctx.ask("Where did the cat sit?", streamer=streamer, max_new_tokens=8)
+    assert "".join(streamer)
+    stopped = ctx.ask("Where did the cat sit?", stop_strings=["mat"], tokenizer=tokenizer, max_new_tokens=30)
+    assert stopped.endswith("mat") or "mat" not in stopped
+
+
+def test_the_kvsqueeze_attention_wraps_without_changing_anything():
+    model = tiny_model("llama")
+    ids = random_ids(30)
+    with torch.no_grad():
+        plain = model(ids).logits
+        name = attention.install(model)
+        wrapped = model(ids).logits
+    assert name == "kvsqueeze_sdpa" and torch.equal(plain, wrapped)
+    attention.uninstall(model)
+    assert model.config._attn_implementation == "sdpa"

@@ -1,0 +1,92 @@
+"""The cache: logical vs physical length, real eviction, forks that never disturb the original."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvsqueeze
+from kvsqueeze.cache import EvictingLayer, SqueezeCache, as_squeeze_cache
+from conftest import random_ids, tiny_model
+
+
+def filled_layer(batch=1, heads=2, tokens=10, dim=4):
+    layer = EvictingLayer()
+    keys = torch.arange(batch * heads * tokens * dim, dtype=torch.float32).view(batch, heads, tokens, dim)
+    layer.update(keys, -keys)
+    return layer, keys
+
+
+def test_lengths_and_mask_sizes_after_eviction():
+    layer, keys = filled_layer()
+    mask = torch.zeros(1, 2, 10, dtype=torch.bool)
+    mask[..., [0, 3, 9]] = True
+    layer.keep(mask)
+    assert layer.get_seq_length() == 10 and layer.stored == 3
+    # three stored tokens all visible, the new query tokens causal among themselves: offset = seen - stored
+    assert layer.get_mask_sizes(4) == (7, 7)
+    assert torch.equal(layer.keys, keys[:, :, [0, 3, 9]])
+    assert torch.equal(layer.values, -keys[:, :, [0, 3, 9]])
+    assert layer.nbytes() == 2 * 3 * 4 * 4 * 2 and layer.peak_bytes == 2 * 10 * 4 * 4 * 2
+
+
+@settings(max_examples=50, deadline=None)
+@given(batch=st.integers(1, 3), heads=st.integers(1, 4), tokens=st.integers(1, 40), data=st.data())
+def test_keep_holds_exactly_the_chosen_tokens_in_order(batch, heads, tokens, data):
+    k = data.draw(st.integers(1, tokens))
+    layer, keys = filled_layer(batch, heads, tokens)
+    scores = torch.rand(batch, heads, tokens, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    mask = kvsqueeze.budgets.top_k_mask(scores, k)
+    layer.keep(mask)
+    for b in range(batch):
+        for h in range(heads):
+            chosen = mask[b, h].nonzero().flatten()
+            assert torch.equal(layer.keys[b, h], keys[b, h, chosen])
+    assert layer.stored == k and layer.get_seq_length() == tokens
+    assert layer.nbytes() == 2 * batch * heads * k * 4 * 4
+
+
+def test_a_dense_layer_refuses_ragged_masks():
+    layer, _ = filled_layer()
+    mask = torch.ones(1, 2, 10, dtype=torch.bool)
+    mask[0, 0, 0] = False
+    with pytest.raises(ValueError, match="same number of tokens"):
+        layer.keep(mask)
+
+
+def test_fork_shares_memory_and_leaves_the_original_untouched():
+    model = tiny_model()
+    ctx = kvsqueeze.compress(model, None, random_ids(40), kvsqueeze.KNorm(ratio=0.5))
+    before = [(layer.keys, layer.values, layer.seen) for layer in ctx.cache.layers]
+    fork = ctx.cache.fork()
+    assert all(a.keys is b.keys for a, b in zip(fork.layers, ctx.cache.layers))
+    with torch.no_grad():
+        model(random_ids(5, seed=9), past_key_values=fork)
+    assert fork.get_seq_length() == 45 and ctx.cache.get_seq_length() == 40
+    for layer, (keys, values, seen) in zip(ctx.cache.layers, before):
+        assert layer.keys is keys and layer.values is values and layer.seen == seen
+
+
+def test_crop_removes_the_newest_tokens():
+    layer, keys = filled_layer()
+    layer.crop(-3)
+    assert layer.stored == 7 and layer.get_seq_length() == 7
+    with pytest.raises(ValueError):
+        layer.crop(2)
+
+
+def test_as_squeeze_cache_adopts_a_transformers_cache():
+    model = tiny_model("gemma3")
+    with torch.no_grad():
+        out = model(random_ids(30), use_cache=True)
+    cache = as_squeeze_cache(out.past_key_values)
+    assert isinstance(cache, SqueezeCache)
+    assert [type(layer).__name__ for layer in cache.layers] == ["SlidingWindowLayer", "EvictingLayer"] * 2
+    assert cache.get_seq_length() == 30 and cache.nbytes() > 0
+
+
+def test_cache_for_a_model_with_unsupported_layers():
+    config = tiny_model().config
+    config.layer_types = ["full_attention", "linear_attention", "full_attention", "full_attention"]
+    with pytest.raises(ValueError, match="linear_attention"):
+        SqueezeCache(config)
