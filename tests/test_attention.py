@@ -42,7 +42,7 @@ def test_positions_continue_from_the_logical_length():
     assert seen == [[50, 51, 52], [53], [54]]
 
 
-def test_sampling_streaming_and_stop_strings_run_on_a_compressed_context(bundled):
+def test_sampling_streaming_stop_strings_and_beams_run_on_a_compressed_context(bundled):
     from transformers import TextIteratorStreamer
     model, tokenizer = bundled
     ctx = kvsqueeze.compress(model, tokenizer, "The cat sat on the mat. " * 40, kvsqueeze.SnapKV(ratio=0.5))
@@ -54,6 +54,9 @@ def test_sampling_streaming_and_stop_strings_run_on_a_compressed_context(bundled
     assert "".join(streamer)
     stopped = ctx.ask("Where did the cat sit?", stop_strings=["mat"], tokenizer=tokenizer, max_new_tokens=30)
     assert stopped.endswith("mat") or "mat" not in stopped
+    beams = ctx.ask("Where did the cat sit?", num_beams=3, max_new_tokens=8)
+    several = ctx.ask("Where did the cat sit?", do_sample=True, num_return_sequences=2, max_new_tokens=8)
+    assert isinstance(beams, str) and len(several) == 2 and ctx.cache.layers[0].keys.shape[0] == 1
 
 
 def test_the_kvsqueeze_attention_wraps_without_changing_anything():

@@ -35,7 +35,7 @@ def compressed(model, context, question, method, new_tokens=6):
     ctx = compress(model, None, context, method)
     with torch.no_grad():
         logits = model(question, past_key_values=ctx.cache.fork()).logits
-    return ctx, logits, ctx.generate(question, max_new_tokens=new_tokens)
+    return ctx, logits, ctx.generate(question, max_new_tokens=new_tokens)[0]
 
 
 @pytest.mark.parametrize("name", ALL)

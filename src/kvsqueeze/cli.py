@@ -16,7 +16,7 @@ from importlib.resources import files
 from . import methods as method_registry
 from .models import DEFAULT_MODEL
 
-DEFAULT_METHOD = "streaming_llm"
+DEFAULT_METHOD = "streaming_llm"  # the most robust here: see the needle table in the README
 DEMO_QUESTION = "How many bay leaves does the lighthouse keeper's secret fish stew recipe use?"
 
 

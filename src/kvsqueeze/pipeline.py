@@ -139,7 +139,7 @@ class CompressedContext:
         return self.cache.nbytes()
 
     def generate(self, question_ids: torch.Tensor, **generate_kwargs) -> torch.Tensor:
-        """`model.generate` on a fork of the cache; returns only the new tokens."""
+        """`model.generate` on a fork of the cache; returns only the new tokens, [sequences, new]."""
         ids = torch.cat([self.context_ids, question_ids.reshape(1, -1)], dim=1)
         check_fits(self.model, ids.shape[1])
         ids = ids.to(self.model.device)
@@ -151,18 +151,28 @@ class CompressedContext:
             kwargs.setdefault("temperature", None)
             kwargs.setdefault("top_p", None)
             kwargs.setdefault("top_k", None)
+        cache = self.cache.fork()
+        # generate expands the inputs for beams and multiple sequences, but not a cache it is given
+        defaults = self.model.generation_config
+        expand = max(kwargs.get("num_beams", defaults.num_beams or 1),
+                     kwargs.get("num_return_sequences", defaults.num_return_sequences or 1))
+        if expand > 1:
+            cache.batch_repeat_interleave(expand)
         attention.install(self.model)
         with torch.no_grad():
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=self.cache.fork(),
-                                      **kwargs)
-        return out[0, ids.shape[1]:]
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **kwargs)
+        return out[:, ids.shape[1]:]
 
-    def ask(self, question: str, answer_prefix: str = "", **generate_kwargs) -> str:
-        """Answer `question` about the context (greedy, 128 new tokens unless generate kwargs say otherwise)."""
+    def ask(self, question: str, answer_prefix: str = "", **generate_kwargs) -> str | list[str]:
+        """Answer `question` about the context (greedy, 128 new tokens unless generate kwargs say otherwise).
+
+        Returns one string, or a list of strings when `num_return_sequences` > 1.
+        """
         if self.prompt is None:
             raise ValueError("this context has no tokenizer: use generate() with token ids")
         new = self.generate(self.prompt.question_ids(question, answer_prefix), **generate_kwargs)
-        return self.tokenizer.decode(new, skip_special_tokens=True).strip()
+        answers = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+        return answers if generate_kwargs.get("num_return_sequences", 1) > 1 else answers[0]
 
     def ask_many(self, questions: list[str], answer_prefix: str = "", **generate_kwargs) -> list[str]:
         """Answer each question on the same compressed context (restored exactly between questions)."""
