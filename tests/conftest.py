@@ -42,3 +42,31 @@ def family(request):
 def bundled():
     import kvsqueeze
     return kvsqueeze.load()
+
+
+def head_table(model, seed: int = 0) -> torch.Tensor:
+    config = model.config.get_text_config()
+    return torch.rand(config.num_hidden_layers, config.num_key_value_heads, generator=torch.Generator().manual_seed(seed))
+
+
+def build_method(name: str, ratio: float, model):
+    """Any registered method at a compression ratio; methods without a ratio get settings that remove about as much
+    (at ratio 0: nothing at all)."""
+    import kvsqueeze
+
+    cls = kvsqueeze.available()[name]
+    if name == "dms":
+        return cls(threshold=float("-inf") if ratio == 0 else float("inf"), window_size=8)
+    if name == "simlayerkv":
+        return cls(lazy_threshold=2.0 if ratio == 0 else 0.0, n_initial=4, n_recent=8)
+    if name == "think":
+        return cls(key_channel_ratio=ratio)
+    if name == "duo_attention":
+        return cls(head_patterns=head_table(model), sparsity=ratio, sink_size=4, recent_size=8)
+    if name == "headkv":
+        return cls(ratio=ratio, head_scores=head_table(model))
+    return cls(ratio=ratio)
+
+
+RATIO_METHODS = ["adakv", "critical_adakv", "criticalkv", "expected_attention", "headkv", "keydiff", "knorm",
+                 "observed_attention", "pyramidkv", "random", "snapkv", "streaming_llm", "tova"]

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 import kvsqueeze
 from kvsqueeze import attention, cli
 from kvsqueeze.evaluation.needle import needle_sample
+from conftest import build_method
 
 
 @pytest.mark.parametrize("name", sorted(kvsqueeze.available()))
@@ -18,7 +19,7 @@ def test_ratio_zero_reproduces_the_bundled_model_exactly(bundled, name):
         model.set_attn_implementation("eager")
     try:
         sample = needle_sample(tokenizer, 400, 0.5, seed=3)
-        ctx = kvsqueeze.compress(model, tokenizer, sample.context, kvsqueeze.method(name, ratio=0.0))
+        ctx = kvsqueeze.compress(model, tokenizer, sample.context, build_method(name, 0.0, model))
         question = ctx.prompt.question_ids(sample.question)
         with torch.no_grad():
             logits = model(question, past_key_values=ctx.cache.fork()).logits

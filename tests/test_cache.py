@@ -21,7 +21,7 @@ def test_lengths_and_mask_sizes_after_eviction():
     layer, keys = filled_layer()
     mask = torch.zeros(1, 2, 10, dtype=torch.bool)
     mask[..., [0, 3, 9]] = True
-    layer.keep(mask)
+    assert layer.keep(mask) is layer
     assert layer.get_seq_length() == 10 and layer.stored == 3
     # three stored tokens all visible, the new query tokens causal among themselves: offset = seen - stored
     assert layer.get_mask_sizes(4) == (7, 7)
@@ -46,12 +46,16 @@ def test_keep_holds_exactly_the_chosen_tokens_in_order(batch, heads, tokens, dat
     assert layer.nbytes() == 2 * batch * heads * k * 4 * 4
 
 
-def test_a_dense_layer_refuses_ragged_masks():
-    layer, _ = filled_layer()
+def test_unequal_heads_make_the_layer_ragged():
+    layer, keys = filled_layer()
     mask = torch.ones(1, 2, 10, dtype=torch.bool)
-    mask[0, 0, 0] = False
-    with pytest.raises(ValueError, match="same number of tokens"):
-        layer.keep(mask)
+    mask[0, 0, :7] = False
+    ragged = layer.keep(mask)
+    assert isinstance(ragged, kvsqueeze.RaggedLayer) and ragged.kept_per_head().tolist() == [[3, 10]]
+    assert ragged.get_seq_length() == 10 and ragged.peak_bytes == layer.peak_bytes
+    dense_keys, _, real = ragged.dense_view()
+    assert torch.equal(dense_keys[0, 0, :3], keys[0, 0, 7:]) and torch.equal(dense_keys[0, 1], keys[0, 1])
+    assert real.sum().item() == 13
 
 
 def test_fork_shares_memory_and_leaves_the_original_untouched():

@@ -5,7 +5,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import kvsqueeze
-from kvsqueeze.cache import EvictingLayer
+from kvsqueeze.cache import EvictingLayer, SqueezeCache
 from kvsqueeze.hooks import LayerContext, attention_modules
 from kvsqueeze.methods.expected_attention import mean_rotation
 from conftest import tiny_model
@@ -14,10 +14,10 @@ MODEL = tiny_model("llama")  # 4 query heads, 2 KV heads, head_dim 16
 
 
 def context(keys, values=None, queries=None, weights=None):
-    layer = EvictingLayer()
-    layer.update(keys, torch.ones_like(keys) if values is None else values)
+    cache = SqueezeCache(layers=[EvictingLayer()])
+    cache.layers[0].update(keys, torch.ones_like(keys) if values is None else values)
     hidden = torch.zeros(keys.shape[0], keys.shape[2], MODEL.config.hidden_size)
-    return LayerContext(module=attention_modules(MODEL)[0], layer=layer, hidden_states=hidden,
+    return LayerContext(module=attention_modules(MODEL)[0], cache=cache, hidden_states=hidden,
                         captured_queries=queries, attention_weights=weights)
 
 
@@ -28,7 +28,9 @@ def kept(method, ctx):
 
 def kept_positions(ctx):
     """Recover positions by matching kept keys to the originals (keys are made unique in these tests)."""
-    return [torch.cdist(ctx.layer.keys[0, h], ORIGINAL[id(ctx)][0, h]).argmin(-1) for h in range(ctx.n_kv_heads)]
+    keys, _, real = ctx.stored()
+    rows = [keys[0, h] if real is None else keys[0, h][real[0, h]] for h in range(ctx.n_kv_heads)]
+    return [torch.cdist(row, ORIGINAL[id(ctx)][0, h]).argmin(-1) for h, row in enumerate(rows)]
 
 
 ORIGINAL = {}
@@ -128,3 +130,92 @@ def test_expected_attention_mean_rotation_is_the_average_rope_rotation():
     rotated = [apply_rotary_pos_emb(q, q, cos[:, i:i + 1], sin[:, i:i + 1])[0] for i in range(len(positions))]
     expected = torch.stack(rotated).mean(0).flatten()
     assert torch.allclose(q.flatten() @ mean_rotation(cos[0], sin[0], 16).T, expected, atol=1e-5)
+
+
+class Fixed(kvsqueeze.ScorerMethod):
+    """Test scorer: returns the scores it was given."""
+
+    def __init__(self, scores, **kwargs):
+        super().__init__(**kwargs)
+        self.fixed = scores
+
+    def score(self, ctx):
+        return self.fixed
+
+
+def lengths(ctx):
+    return ctx.layer.kept_per_head()[0].tolist()
+
+
+def test_adakv_gives_the_budget_to_the_head_that_needs_it_with_a_safeguard():
+    keys = unique_keys(20, [1.0] * 20)
+    keys[:, 1] *= 10  # head 1's keys all have large norms: KNorm ranks all of head 0 first
+    ctx = make(keys)
+    kvsqueeze.AdaKV(ratio=0.5, scorer="knorm").compress(ctx)
+    assert lengths(ctx) == [18, 2]  # 2 x 10 tokens in all; head 1 keeps its safeguard floor(0.2 x 10) = 2
+    assert isinstance(ctx.layer, kvsqueeze.RaggedLayer)
+
+
+def test_criticalkv_keeps_a_low_scored_token_whose_value_moves_the_output():
+    keys = unique_keys(10)
+    values = torch.ones_like(keys) * 0.01
+    values[:, :, 7] = 100.0
+    scores = torch.linspace(1, 0.1, 10).expand(1, 2, 10).clone()  # token 7 ranks 8th of 10
+    ctx = make(keys, values=values)
+    kvsqueeze.CriticalKV(budget=4, scorer=Fixed(scores)).compress(ctx)
+    # stage 1: the 2 best scores (tokens 0, 1); stage 2: score x projected value norm favours token 7
+    assert [sorted(p.tolist()) for p in kept_positions(ctx)][0][:2] == [0, 1]
+    assert all(7 in p.tolist() for p in kept_positions(ctx))
+
+
+def test_simlayerkv_trims_only_lazy_layers():
+    keys, queries = attending_queries(target=0, tokens=30, strength=40.0)
+    lazy = make(keys, queries=queries)
+    kvsqueeze.SimLayerKV(lazy_threshold=0.9, n_initial=2, n_recent=3).compress(lazy)
+    assert [sorted(p.tolist()) for p in kept_positions(lazy)] == [[0, 1, 27, 28, 29]] * 2
+    keys, queries = attending_queries(target=12, tokens=30, strength=40.0)
+    busy = make(keys, queries=queries)
+    kvsqueeze.SimLayerKV(lazy_threshold=0.9, n_initial=2, n_recent=3).compress(busy)
+    assert busy.layer.stored == 30
+
+
+def test_think_keeps_the_channels_queries_and_keys_use_and_frees_key_bytes():
+    keys = torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(0)) * 0.1
+    keys[..., [2, 5, 11]] *= 50
+    queries = torch.randn(1, 4, 40, 16, generator=torch.Generator().manual_seed(1)) * 0.1
+    queries[..., [2, 5, 11, 13]] *= 50  # channel 13 is large in queries only
+    ctx = make(keys, queries=queries)
+    before = ctx.layer.nbytes()
+    kvsqueeze.ThinK(key_channel_ratio=0.5, window_size=8).compress(ctx)
+    layer = ctx.layer
+    channels = layer.channels()[0]
+    assert channels.shape == (2, 8) and all({2, 5, 11} <= set(c.tolist()) for c in channels)
+    assert layer.pages_k.shape[-1] == 8 and layer.kept_per_head().tolist() == [[40, 40]]
+    key_bytes = layer.pages_k.nbytes
+    assert key_bytes <= 0.5 * keys.nbytes * 1.25 and layer.nbytes() < before
+
+
+def test_dms_keeps_scores_above_the_threshold_and_the_recent_window():
+    scores = torch.tensor([[[5.0, -1, 3, -2, -3, 4, -1, -1, -1, -1], [-5.0, -1, -3, 2, -3, -4, -1, 1, -1, -1]]])
+    ctx = make(unique_keys(10))
+    kvsqueeze.DMS(threshold=0.0, scorer=Fixed(scores), window_size=2).compress(ctx)
+    assert [sorted(p.tolist()) for p in kept_positions(ctx)] == [[0, 2, 5, 8, 9], [3, 7, 8, 9]]
+
+
+def test_duo_attention_streaming_heads_keep_sink_and_recent():
+    gates = torch.ones(4, 2)
+    gates[0, 1] = 0.1  # layer 0, KV head 1 is the one streaming head
+    method = kvsqueeze.DuoAttention(head_patterns=gates, sparsity=1 / 8, sink_size=2, recent_size=3)
+    method.setup(MODEL)
+    ctx = make(unique_keys(20))
+    method.compress(ctx)
+    assert [sorted(p.tolist()) for p in kept_positions(ctx)] == [list(range(20)), [0, 1, 17, 18, 19]]
+
+
+def test_headkv_budgets_follow_head_importance():
+    importance = torch.tensor([[0.1, 0.5], [0.1, 0.1], [0.1, 0.1], [0.05, 0.05]])
+    method = kvsqueeze.HeadKV(budget=20, head_scores=importance, window_size=2)
+    method.setup(MODEL)
+    counts = method.budget.head_counts(100, 0).tolist()
+    assert counts[1] > counts[0] and sum(method.budget.head_counts(100, i).sum().item() for i in range(4)) == \
+        pytest.approx(8 * 20, abs=4)

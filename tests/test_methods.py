@@ -6,13 +6,9 @@ from transformers import DynamicCache
 
 import kvsqueeze
 from kvsqueeze import attention, compress
-from conftest import random_ids, tiny_model
+from conftest import RATIO_METHODS, build_method, head_table, random_ids, tiny_model
 
 ALL = sorted(kvsqueeze.available())
-
-
-def make(name, **kwargs):
-    return kvsqueeze.method(name, **kwargs)
 
 
 def attn_for(name):
@@ -43,36 +39,40 @@ def test_ratio_zero_reproduces_the_model_exactly(family, name):
     model = tiny_model(family, attn=attn_for(name))
     context, question = random_ids(80, seed=1), random_ids(7, seed=2)
     expected_logits, expected_tokens = reference(model, context, question)
-    ctx, logits, tokens = compressed(model, context, question, make(name, ratio=0.0))
+    ctx, logits, tokens = compressed(model, context, question, build_method(name, 0.0, model))
     assert torch.equal(logits, expected_logits)
     assert torch.equal(tokens, expected_tokens)
     assert ctx.stats.compression_ratio == 0
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", RATIO_METHODS)
 def test_half_the_cache_is_really_freed(family, name):
     model = tiny_model(family, attn=attn_for(name))
     context, question = random_ids(120, seed=3), random_ids(5, seed=4)
-    ctx, logits, tokens = compressed(model, context, question, make(name, ratio=0.5))
-    evicting = [layer for layer in ctx.cache.layers if isinstance(layer, kvsqueeze.EvictingLayer)]
-    assert evicting, "every family has full-attention layers"
-    kept = sum(layer.stored for layer in evicting)
-    assert kept == pytest.approx(60 * len(evicting), abs=len(evicting))  # pyramid rounds per layer
-    for layer in evicting:
+    ctx, logits, tokens = compressed(model, context, question, build_method(name, 0.5, model))
+    compressed_layers = [layer for layer in ctx.cache.layers if not isinstance(layer, kvsqueeze.SlidingWindowLayer)]
+    assert compressed_layers, "every family has full-attention layers"
+    kept = sum(int(layer.kept_per_head().sum()) for layer in compressed_layers)
+    heads = sum(layer.kept_per_head().numel() for layer in compressed_layers)
+    # 60 tokens per head on average (pyramid and head-adaptive budgets round per layer or head)
+    assert kept / heads == pytest.approx(60, abs=1)
+    for layer in compressed_layers:
         assert layer.get_seq_length() == 120
-        assert layer.keys.shape[-2] == layer.values.shape[-2] == layer.stored
-    full_bytes = sum(layer.peak_bytes for layer in evicting)
-    assert sum(layer.nbytes() for layer in evicting) == pytest.approx(full_bytes / 2, rel=0.02)
+    held = sum(layer.nbytes() for layer in compressed_layers)
+    peak = sum(layer.peak_bytes for layer in compressed_layers)
+    # ragged layers add under a page per head (16 tokens at least) and their index: a lot for 60 tokens of dim 16
+    assert held <= 0.5 * peak * 1.25
     assert torch.isfinite(logits).all()
     assert tokens.shape[0] == 6
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", RATIO_METHODS)
 def test_budget_in_tokens(name):
     model = tiny_model("llama", attn=attn_for(name))
-    ctx = compress(model, None, random_ids(100), make(name, budget=40))
-    lengths = ctx.cache.stored_lengths()
-    assert sum(lengths) == pytest.approx(40 * len(lengths), abs=len(lengths))
+    method = kvsqueeze.available()[name](budget=40, **({"head_scores": head_table(model)} if name == "headkv" else {}))
+    ctx = compress(model, None, random_ids(100), method)
+    kept = [layer.kept_per_head().float().mean().item() for layer in ctx.cache.layers]
+    assert sum(kept) / len(kept) == pytest.approx(40, abs=1)
 
 
 def test_sliding_window_layers_are_left_to_the_model():

@@ -45,6 +45,49 @@ def layer_mask(mask: torch.Tensor | None, query: torch.Tensor, kv_len: int, base
     return torch.cat([stored, mask[..., -q_len:]], dim=-1)
 
 
+def ragged_attention(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of `query` [batch, heads, q, dim] over a RaggedLayer's pages and dense tail; [batch, q, heads, dim].
+
+    Each KV head's segment is attended by the query heads of its group. Pages give batched matrix
+    products; a segment's softmax is assembled from per-page maxima and sums (segment-wise softmax),
+    then merged with the tail's (where the new tokens are causal among themselves).
+    """
+    batch, n_heads, q_len, dim = query.shape
+    segments = batch * layer.heads
+    rows = n_heads // layer.heads * q_len  # query rows per segment: the group's heads x new tokens
+    queries = query.reshape(segments, rows, dim)
+
+    tail_k, tail_v = layer.tail_k.reshape(segments, -1, dim), layer.tail_v.reshape(segments, -1, layer.tail_v.shape[-1])
+    logits = torch.bmm(queries, tail_k.transpose(1, 2)).float() * scaling
+    tail_len = tail_k.shape[1]
+    new_token = torch.arange(rows, device=query.device) % q_len
+    future = torch.arange(tail_len, device=query.device)[None, :] > (tail_len - q_len + new_token)[:, None]
+    logits = logits.masked_fill(future, float("-inf"))
+    top = logits.amax(-1)  # [segments, rows]; finite: every row sees at least its own token
+    weights = (logits - top[..., None]).exp()
+    total = weights.sum(-1)
+    out = torch.bmm(weights.to(tail_v.dtype), tail_v).float()
+
+    if layer.n_pages:
+        segment = layer.page_segment
+        if layer.key_channels is not None:  # ThinK: the keys kept only some channels; so do the queries
+            channels = layer.key_channels[:, None, :].expand(-1, rows, -1)
+            queries = queries.gather(-1, channels)
+        page_logits = torch.bmm(queries[segment], layer.pages_k.transpose(1, 2)).float() * scaling
+        empty = torch.arange(layer.page_size, device=query.device)[None, :] >= layer.page_fill[:, None]
+        page_logits = page_logits.masked_fill(empty[:, None, :], float("-inf"))
+        page_top = page_logits.amax(-1)  # [pages, rows]
+        top_all = top.scatter_reduce(0, segment[:, None].expand(-1, rows), page_top, "amax")
+        page_weights = (page_logits - top_all[segment][..., None]).exp()
+        page_out = torch.bmm(page_weights.to(layer.pages_v.dtype), layer.pages_v).float()
+        rescale = (top - top_all).exp()
+        total = total * rescale + torch.zeros_like(total).index_add_(0, segment, page_weights.sum(-1))
+        out = out * rescale[..., None] + torch.zeros_like(out).index_add_(0, segment, page_out)
+
+    out = (out / total[..., None]).to(query.dtype)
+    return out.view(batch, n_heads, q_len, -1).transpose(1, 2).contiguous()
+
+
 def base_function(base: str, module: torch.nn.Module) -> Callable:
     if base == "eager":
         # eager attention is defined per model family (softcapping, sinks...): use the module's own
@@ -57,6 +100,11 @@ def make_attention(base: str) -> Callable:
         observer = query_observers.get(module)
         if observer is not None:
             observer(query)
+        ragged = getattr(key, "kvsqueeze_layer", None)
+        if ragged is not None:
+            if kwargs.get("softcap") is not None:
+                raise NotImplementedError("attention softcapping is not supported on head-wise (ragged) layers")
+            return ragged_attention(ragged, query, kwargs.get("scaling") or query.shape[-1] ** -0.5), None
         attention_mask = layer_mask(attention_mask, query, key.shape[-2], base)
         return base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
 

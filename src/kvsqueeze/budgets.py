@@ -92,3 +92,90 @@ class Pyramid(Budget):
 
     def describe(self) -> dict:
         return self.base.describe() | {"beta": self.beta}
+
+
+def top_k_per_head(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Keep the `counts[b, h]` highest scores of each (batch row, head): a mask with per-head lengths."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device)
+                                             .expand_as(order).contiguous())
+    return ranks < counts[..., None].to(ranks.device)
+
+
+def largest_remainder(shares: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Integers summing to `total` (per row) closest to the real `shares` [rows, heads]."""
+    counts = shares.floor().long()
+    missing = (total - counts.sum(-1)).clamp(min=0)
+    order = (shares - counts).argsort(dim=-1, descending=True, stable=True)
+    bonus = (torch.arange(shares.shape[-1], device=shares.device)[None, :] < missing[:, None]).long()
+    return counts.scatter_add(-1, order, bonus)
+
+
+class HeadAdaptive(Budget):
+    """AdaKV's allocation: the heads of a layer share their total budget according to their scores.
+
+    With a uniform per-head budget k, the layer's h*k highest scores over all heads count c_h per head;
+    head h then keeps floor(alpha*k) + (1 - alpha)*c_h tokens (rounded to the exact total), so every
+    head keeps at least the safeguard floor(alpha*k) (Feng et al., arXiv:2407.11550, alpha = 0.2).
+    """
+
+    def __init__(self, base: Uniform, alpha: float = 0.2):
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha_safeguard must be in [0, 1]; got {alpha}")
+        self.base, self.alpha = base, alpha
+
+    def n_keep(self, n_tokens, layer_idx=0, n_layers=1):
+        return self.base.n_keep(n_tokens)
+
+    def head_counts(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        batch, heads, n = scores.shape
+        top = scores.reshape(batch, heads * n).topk(heads * k, dim=-1).indices
+        chosen = torch.zeros(batch, heads, device=scores.device).scatter_add_(
+            1, top // n, torch.ones(top.shape, device=scores.device))
+        floor_share = math.floor(self.alpha * k)
+        shares = (1 - self.alpha) * chosen
+        total = torch.full((batch,), heads * (k - floor_share), device=scores.device)
+        return (floor_share + largest_remainder(shares, total)).clamp(max=n)
+
+    def select(self, scores, layer_idx=0, n_layers=1):
+        k = self.n_keep(scores.shape[-1])
+        if k >= scores.shape[-1]:
+            return None
+        return top_k_per_head(scores, self.head_counts(scores, k))
+
+    def describe(self) -> dict:
+        return self.base.describe() | {"alpha_safeguard": self.alpha}
+
+
+class HeadBudgets(Budget):
+    """HeadKV's allocation: every head gets a base share; a pool is split by head importance.
+
+    With a per-head budget k of which `window` tokens are the always-kept window, B = k - window;
+    each head gets B - floor(B/beta) plus importance[l, h] * floor(B/beta) * (heads in all layers),
+    importance normalised to sum to 1 (Fu et al., arXiv:2410.19258). Averaged over heads it is k.
+    """
+
+    def __init__(self, base: Uniform, importance: torch.Tensor, beta: float = 1.01, window: int = 0):
+        if beta < 1:
+            raise ValueError(f"beta must be >= 1; got {beta}")
+        self.base, self.beta, self.window = base, beta, window
+        self.importance = importance / importance.sum()  # [compressible layers, kv heads]
+
+    def n_keep(self, n_tokens, layer_idx=0, n_layers=1):
+        return self.base.n_keep(n_tokens)
+
+    def head_counts(self, n_tokens: int, layer_idx: int) -> torch.Tensor:
+        k = self.base.n_keep(n_tokens)
+        share = max(k - self.window, 0)
+        pool = math.floor(share / self.beta)
+        counts = (self.importance[layer_idx] * pool * self.importance.numel() + share - pool).round().long()
+        return (counts + self.window).clamp(1, n_tokens)
+
+    def select(self, scores, layer_idx=0, n_layers=1):
+        n = scores.shape[-1]
+        if self.base.n_keep(n) >= n:
+            return None
+        return top_k_per_head(scores, self.head_counts(n, layer_idx).to(scores.device).expand(scores.shape[:2]))
+
+    def describe(self) -> dict:
+        return self.base.describe() | {"beta": self.beta}

@@ -66,22 +66,35 @@ class EvictingLayer(MeasuredLayer, DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.stored + query_length, self.seen - self.stored
 
-    def keep(self, mask: torch.Tensor) -> None:
-        """Keep the tokens where `mask` ([batch, kv_heads, stored]) is True; free the others.
+    def keep(self, mask: torch.Tensor) -> MeasuredLayer:
+        """Keep the tokens where `mask` ([batch, kv_heads, stored]) is True and free the others.
 
-        Every (batch row, head) must keep the same number of tokens: that is what makes the layer dense.
+        Returns the layer that now holds them: this one when every (batch row, head) keeps the same
+        number of tokens, else a RaggedLayer, where each head keeps its own number.
         """
         counts = mask.sum(-1)
         n_keep = int(counts.flatten()[0])
         if not bool((counts == n_keep).all()):
-            raise ValueError("a dense layer keeps the same number of tokens in every head; got "
-                             f"{sorted(set(counts.flatten().tolist()))}")
-        if n_keep == self.stored:
-            return
-        batch, heads, _ = mask.shape
-        index = mask.nonzero()[:, -1].view(batch, heads, n_keep, 1)
-        self.keys = self.keys.gather(2, index.expand(-1, -1, -1, self.keys.shape[-1]))
-        self.values = self.values.gather(2, index.expand(-1, -1, -1, self.values.shape[-1]))
+            from .ragged import RaggedLayer
+
+            ragged = RaggedLayer.from_dense(self.keys, self.values, mask, self.seen)
+            ragged.peak_bytes = self.peak_bytes
+            return ragged
+        if n_keep < self.stored:
+            batch, heads, _ = mask.shape
+            index = mask.nonzero()[:, -1].view(batch, heads, n_keep, 1)
+            self.keys = self.keys.gather(2, index.expand(-1, -1, -1, self.keys.shape[-1]))
+            self.values = self.values.gather(2, index.expand(-1, -1, -1, self.values.shape[-1]))
+        return self
+
+    def prune_key_channels(self, channels: torch.Tensor) -> MeasuredLayer:
+        """Keep only `channels` [batch, kv_heads, kept_dim] of the keys: returns the (ragged) layer holding them."""
+        from .ragged import RaggedLayer
+
+        mask = torch.ones(self.keys.shape[:-1], dtype=torch.bool, device=self.keys.device)
+        pruned = RaggedLayer.from_dense(self.keys, self.values, mask, self.seen, key_channels=channels)
+        pruned.peak_bytes = self.peak_bytes
+        return pruned
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -136,6 +149,14 @@ class SqueezeCache(Cache):
             super().__init__(layer_class_to_replicate=EvictingLayer)
         else:
             super().__init__(layers=layers)
+
+    def keep(self, layer_idx: int, mask: torch.Tensor) -> None:
+        """Layer `layer_idx` keeps the tokens where `mask` is True: densely if every head keeps as many, else ragged."""
+        self.layers[layer_idx] = self.layers[layer_idx].keep(mask)
+
+    def prune_key_channels(self, layer_idx: int, channels: torch.Tensor) -> None:
+        """Layer `layer_idx` keeps only `channels` [batch, kv_heads, kept_dim] of its keys (ThinK)."""
+        self.layers[layer_idx] = self.layers[layer_idx].prune_key_channels(channels)
 
     def fork(self) -> "SqueezeCache":
         """A copy that shares every tensor with this cache; updating it leaves this cache as it is."""

@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from . import attention
 from .cache import EvictingLayer, SqueezeCache, layer_types
+from .ragged import RaggedLayer
 
 if TYPE_CHECKING:
     from .methods.base import Method
@@ -55,16 +56,29 @@ class LayerContext:
     """
 
     module: nn.Module
-    layer: EvictingLayer
+    cache: SqueezeCache
     hidden_states: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     attention_weights: torch.Tensor | None = None
     captured_queries: torch.Tensor | None = field(default=None, repr=False)
     rotary_embedding: nn.Module | None = field(default=None, repr=False)
+    _view: tuple | None = field(default=None, repr=False)
 
     @property
     def layer_idx(self) -> int:
         return self.module.layer_idx
+
+    @property
+    def layer(self) -> EvictingLayer:
+        return self.cache.layers[self.layer_idx]
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Keep the stored tokens where `mask` [batch, kv_heads, stored] is True; the cache frees the others."""
+        self.cache.keep(self.layer_idx, mask)
+
+    def prune_key_channels(self, channels: torch.Tensor) -> None:
+        """Keep only `channels` [batch, kv_heads, kept_dim] of the stored keys."""
+        self.cache.prune_key_channels(self.layer_idx, channels)
 
     @property
     def config(self):
@@ -76,17 +90,31 @@ class LayerContext:
         compressible = [i for i, kind in enumerate(layer_types(self.config)) if kind == "full_attention"]
         return compressible.index(self.layer_idx), len(compressible)
 
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(keys, values, real) of what the layer holds now. A ragged layer is shown padded to its longest head,
+        `real` marking its real tokens; a dense layer has no padding (`real` is None)."""
+        layer = self.layer
+        if not isinstance(layer, RaggedLayer):
+            return layer.keys, layer.values, None
+        if self._view is None or self._view[0] is not layer:  # a ragged layer is replaced, never edited
+            self._view = (layer, layer.dense_view())
+        return self._view[1]
+
     @property
     def keys(self) -> torch.Tensor:
-        return self.layer.keys
+        return self.stored()[0]
 
     @property
     def values(self) -> torch.Tensor:
-        return self.layer.values
+        return self.stored()[1]
+
+    @property
+    def real(self) -> torch.Tensor | None:
+        return self.stored()[2]
 
     @property
     def n_stored(self) -> int:
-        return self.layer.keys.shape[-2]
+        return self.keys.shape[-2]
 
     @property
     def n_new(self) -> int:
@@ -133,7 +161,8 @@ class LayerContext:
 
     @property
     def group_size(self) -> int:
-        return self.queries.shape[1] // self.n_kv_heads
+        """Query heads per KV head."""
+        return self.config.num_attention_heads // self.config.num_key_value_heads
 
     def last_queries_attention(self, n: int) -> torch.Tensor:
         """Attention probabilities of the last `n` new queries over all stored keys: [batch, heads, n, stored].
@@ -145,6 +174,8 @@ class LayerContext:
         logits = torch.matmul(queries, keys.transpose(-1, -2)).float() * self.scaling
         future = torch.ones(n, n, dtype=torch.bool, device=logits.device).triu(1)
         logits[..., -n:] = logits[..., -n:].masked_fill(future, float("-inf"))
+        if self.real is not None:  # a ragged layer's padding is no token
+            logits = logits.masked_fill(~self.real.repeat_interleave(self.group_size, 1)[:, :, None, :], float("-inf"))
         return logits.softmax(dim=-1)
 
     def per_kv_head(self, per_query_head: torch.Tensor) -> torch.Tensor:
@@ -184,11 +215,11 @@ def hooked(model: nn.Module, method: "Method"):
         if not isinstance(cache, SqueezeCache):
             raise TypeError(f"kvsqueeze methods compress a SqueezeCache; got {type(cache).__name__}")
         layer = cache.layers[module.layer_idx]
-        if not isinstance(layer, EvictingLayer) or not layer.is_initialized:
+        if not isinstance(layer, (EvictingLayer, RaggedLayer)) or not layer.is_initialized:
             return  # sliding-window layers are bounded by the model itself
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        ctx = LayerContext(module=module, layer=layer, hidden_states=hidden,
+        ctx = LayerContext(module=module, cache=cache, hidden_states=hidden,
                            position_embeddings=kwargs.get("position_embeddings"),
                            attention_weights=weights, captured_queries=query, rotary_embedding=rotary)
         if method.acts_on(ctx):

@@ -18,7 +18,7 @@ class Method:
     """Base of all methods. Subclasses set `name` (their registry name) and implement `compress`.
 
     `phase` says when the method acts: "prefill" methods compress the tokens of a forward that adds
-    several tokens (the context, or a chunk of it); "decode" methods act while generating.
+    several tokens (the context, or a chunk of it); "decode" methods act while generating; "both" do both.
     """
 
     name: ClassVar[str] = ""
@@ -47,7 +47,7 @@ class Method:
     def acts_on(self, ctx: LayerContext) -> bool:
         """Whether this forward is one the method compresses."""
         prefill = ctx.n_new > 1 or ctx.layer.seen == ctx.n_new
-        return prefill if self.phase == "prefill" else not prefill
+        return self.phase == "both" or (self.phase == "prefill") == prefill
 
     def compress(self, ctx: LayerContext) -> None:
         raise NotImplementedError
@@ -61,6 +61,17 @@ class Method:
         return {}
 
 
+def as_scorer(scorer: "str | ScorerMethod") -> "ScorerMethod":
+    """A scorer given by registry name or instance (wrappers such as AdaKV take one)."""
+    if isinstance(scorer, str):
+        if scorer not in REGISTRY:
+            raise ValueError(f"unknown scorer {scorer!r}; available: {', '.join(sorted(REGISTRY))}")
+        scorer = REGISTRY[scorer]()
+    if not isinstance(scorer, ScorerMethod):
+        raise TypeError(f"{type(scorer).__name__} is not a scorer (a method with score())")
+    return scorer
+
+
 class ScorerMethod(Method):
     """A method that scores every stored token (higher = keep) and lets a budget choose the kept ones."""
 
@@ -71,12 +82,17 @@ class ScorerMethod(Method):
         """Scores of shape [batch, kv_heads, stored]."""
         raise NotImplementedError
 
+    def scores(self, ctx: LayerContext) -> torch.Tensor:
+        """`score`, with the padding of a ragged layer's view made unkeepable."""
+        scores = self.score(ctx)
+        return scores if ctx.real is None else scores.masked_fill(~ctx.real, float("-inf"))
+
     def compress(self, ctx: LayerContext) -> None:
         if self.budget.n_keep(ctx.n_stored, *ctx.depth) >= ctx.n_stored:
             return  # nothing to remove: skip scoring, so ratio 0 reproduces the model exactly
-        keep = self.budget.select(self.score(ctx), *ctx.depth)
+        keep = self.budget.select(self.scores(ctx), *ctx.depth)
         if keep is not None:
-            ctx.layer.keep(keep)
+            ctx.keep(keep)
 
     def describe(self) -> dict:
         return self.budget.describe() | self.settings()

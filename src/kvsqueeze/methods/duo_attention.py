@@ -1,0 +1,54 @@
+import torch
+
+from ..head_scores import load_head_scores
+from ..hooks import LayerContext
+from .base import Method
+
+
+class DuoAttention(Method):
+    """Keeps every token in retrieval heads, and only sink + recent tokens in streaming heads.
+
+    Xiao et al., "DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming
+    Heads", arXiv:2410.10819. Which heads are retrieval heads comes from gates optimised offline on
+    the same model (`kvsqueeze calibrate duo_attention`, or the authors' `full_attention_heads.tsv`):
+    the `sparsity` fraction of heads with the lowest gates become streaming heads (or those below
+    `threshold`). The authors deploy with 64 sink and 256 recent tokens. Heads keep different numbers
+    of tokens, stored ragged.
+    """
+
+    name = "duo_attention"
+
+    def __init__(self, head_patterns=None, sparsity: float = 0.5, threshold: float | None = None,
+                 sink_size: int = 64, recent_size: int = 256):
+        if head_patterns is None:
+            raise ValueError("DuoAttention needs head patterns: head_patterns=FILE from "
+                             "`kvsqueeze calibrate duo_attention --out FILE` (or the authors' .tsv)")
+        if not 0 <= sparsity <= 1:
+            raise ValueError(f"sparsity is the fraction of streaming heads, in [0, 1]; got {sparsity}")
+        self.head_patterns, self.sparsity, self.threshold = head_patterns, sparsity, threshold
+        self.sink_size, self.recent_size = sink_size, recent_size
+
+    def setup(self, model):
+        gates = load_head_scores(self.head_patterns, model, "duo_attention")
+        if self.threshold is not None:
+            self.streaming = gates < self.threshold
+        else:
+            n_streaming = round(gates.numel() * self.sparsity)
+            order = gates.flatten().argsort(stable=True)
+            self.streaming = torch.zeros(gates.numel(), dtype=torch.bool)
+            self.streaming[order[:n_streaming]] = True
+            self.streaming = self.streaming.view_as(gates)
+
+    def compress(self, ctx: LayerContext) -> None:
+        streaming = self.streaming[ctx.layer_idx].to(ctx.keys.device)
+        n = ctx.n_stored
+        if not bool(streaming.any()) or n <= self.sink_size + self.recent_size:
+            return
+        position = torch.arange(n, device=ctx.keys.device)
+        window = (position < self.sink_size) | (position >= n - self.recent_size)
+        keep = ~streaming[None, :, None] | window[None, None, :]
+        ctx.keep(keep.expand(ctx.keys.shape[:-1]))
+
+    def describe(self):
+        return {"head_patterns": str(self.head_patterns)[:80], "sparsity": self.sparsity,
+                "threshold": self.threshold, "sink_size": self.sink_size, "recent_size": self.recent_size}

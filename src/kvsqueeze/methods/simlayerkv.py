@@ -1,0 +1,36 @@
+import torch
+
+from ..hooks import LayerContext
+from .base import Method
+
+
+class SimLayerKV(Method):
+    """Keeps only the initial and most recent tokens in "lazy" layers, everything in the others.
+
+    Zhang et al., "SimLayerKV: A Simple Framework for Layer-Level KV Cache Reduction", arXiv:2410.13846.
+    A layer is lazy when the last context token puts more than `lazy_threshold` of its attention
+    (averaged over heads) on the first `n_initial` and last `n_recent` tokens; lazy layers then keep
+    just those. The paper's thresholds: Llama-3 0.9 (the default), Llama-2 0.65, Mistral 0.8,
+    Qwen 0.85. Detection uses the last context token at prefill (query-agnostic protocol).
+    """
+
+    name = "simlayerkv"
+
+    def __init__(self, lazy_threshold: float = 0.9, n_initial: int = 4, n_recent: int = 1024):
+        self.lazy_threshold, self.n_initial, self.n_recent = lazy_threshold, n_initial, n_recent
+
+    def compress(self, ctx: LayerContext) -> None:
+        n = ctx.n_stored
+        if n <= self.n_initial + self.n_recent or ctx.real is not None:
+            return
+        attention = ctx.last_queries_attention(1)[:, :, 0]  # [batch, heads, n]
+        edges = attention[..., : self.n_initial].sum(-1) + attention[..., -self.n_recent:].sum(-1)
+        if edges.mean().item() <= self.lazy_threshold:
+            return
+        keep = torch.zeros(ctx.keys.shape[:-1], dtype=torch.bool, device=ctx.keys.device)
+        keep[..., : self.n_initial] = True
+        keep[..., -self.n_recent:] = True
+        ctx.keep(keep)
+
+    def describe(self):
+        return {"lazy_threshold": self.lazy_threshold, "n_initial": self.n_initial, "n_recent": self.n_recent}

@@ -1,0 +1,195 @@
+"""A cache layer where every (batch row, KV head) keeps its own number of tokens, and really frees the rest.
+
+Kept tokens are packed in pages of `page_size` tokens: each page belongs to one (batch row, KV head)
+segment, only a segment's last page can be partly empty. Pages make attention over the packed keys a
+batched matrix product (see `attention.ragged_attention`), and waste less than one page per segment,
+which `nbytes()` counts with the index tensors. Tokens that arrive after compression (the question,
+generated tokens) are the same for every head: they go to a dense tail.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from .cache import MeasuredLayer
+
+
+def page_size_for(mean_tokens: float) -> int:
+    """A power of two between 16 and 128 tokens, about 1/64 of a segment: under ~1% padding, few pages."""
+    return int(min(128, max(16, 2 ** round(math.log2(max(mean_tokens, 1) / 64)))))
+
+
+class RaggedLayer(MeasuredLayer, CacheLayerMixin):
+    """Per-head budgets that save real memory: packed pages per (batch row, KV head), plus a dense tail."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.seen = 0
+
+    @classmethod
+    def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, seen: int,
+                   page_size: int | None = None, key_channels: torch.Tensor | None = None) -> "RaggedLayer":
+        """Pack the tokens of keys/values [batch, heads, n, dim] where `mask` [batch, heads, n] is True.
+
+        With `key_channels` [batch, heads, kept_dim], only those channels of the keys are stored (ThinK);
+        attention reads the matching channels of the queries.
+        """
+        layer = cls()
+        batch, heads, n, dim = keys.shape
+        layer.key_channels = None
+        if key_channels is not None:
+            layer.key_channels = key_channels.reshape(batch * heads, -1)
+            keys = keys.gather(-1, key_channels[:, :, None, :].expand(-1, -1, n, -1))
+        layer.head_dim = dim
+        dim = keys.shape[-1]
+        layer.batch, layer.heads, layer.seen = batch, heads, seen
+        layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+        lengths = mask.sum(-1)
+        layer.lengths = lengths
+        layer.page_size = page_size or page_size_for(lengths.float().mean().item())
+        pages_per_segment = (lengths.flatten() + layer.page_size - 1) // layer.page_size
+        first_page = torch.cumsum(pages_per_segment, 0) - pages_per_segment
+        n_pages = int(pages_per_segment.sum())
+        b, h, position = mask.nonzero(as_tuple=True)  # row-major: segment by segment, in token order
+        segment = b * heads + h
+        rank = torch.arange(len(segment), device=keys.device) - (torch.cumsum(lengths.flatten(), 0) - lengths.flatten())[segment]
+        page = first_page[segment] + rank // layer.page_size
+        slot = rank % layer.page_size
+        layer.pages_k = keys.new_zeros(n_pages, layer.page_size, dim)
+        layer.pages_v = values.new_zeros(n_pages, layer.page_size, values.shape[-1])
+        layer.pages_k[page, slot] = keys[b, h, position]
+        layer.pages_v[page, slot] = values[b, h, position]
+        layer.page_segment = torch.repeat_interleave(torch.arange(batch * heads, device=keys.device),
+                                                     pages_per_segment)
+        page_in_segment = torch.arange(n_pages, device=keys.device) - first_page[layer.page_segment]
+        layer.page_fill = (lengths.flatten()[layer.page_segment] - page_in_segment * layer.page_size).clamp(
+            max=layer.page_size)
+        layer.tail_k = keys.new_zeros(batch, heads, 0, layer.head_dim)
+        layer.tail_v = values.new_zeros(batch, heads, 0, values.shape[-1])
+        return layer
+
+    # -- transformers' layer interface --
+
+    def lazy_initialization(self, key_states, value_states):
+        raise RuntimeError("a RaggedLayer is made from a compressed layer, never empty")
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.seen += key_states.shape[-2]
+        self.tail_k = torch.cat([self.tail_k, key_states], dim=-2)
+        self.tail_v = torch.cat([self.tail_v, value_states], dim=-2)
+        self.peak_bytes = max(self.peak_bytes, self.nbytes())
+        keys = self.tail_k
+        keys.kvsqueeze_layer = self  # tells the attention function to read the pages too
+        return keys, self.tail_v
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    @property
+    def stored(self) -> int:
+        """The longest segment plus the tail: the size transformers sizes its mask from (see get_mask_sizes)."""
+        return int(self.lengths.max()) + self.tail_k.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Only the mask's last `query_length` columns (the new tokens) are read by any layer
+        return self.stored + query_length, self.seen - self.stored
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        raise RuntimeError("a RaggedLayer cannot be reset; make a new cache")
+
+    # -- accounting --
+
+    @property
+    def n_pages(self) -> int:
+        return self.pages_k.shape[0]
+
+    def nbytes(self) -> int:
+        tensors = (self.pages_k, self.pages_v, self.page_segment, self.page_fill, self.lengths, self.tail_k,
+                   self.tail_v, self.key_channels)
+        return sum(t.nbytes for t in tensors if t is not None)
+
+    def kept_per_head(self) -> torch.Tensor:
+        return self.lengths + self.tail_k.shape[-2]
+
+    # -- views and edits --
+
+    def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values [batch, heads, longest + tail, dim], padded, with the mask of real tokens.
+
+        Each segment's tokens come first, in order, then the tail; the padding sits between them.
+        """
+        batch, heads, tail = self.batch, self.heads, self.tail_k.shape[-2]
+        longest = int(self.lengths.max()) if self.lengths.numel() else 0
+        slots = torch.arange(self.page_size, device=self.pages_k.device)
+        valid = slots[None, :] < self.page_fill[:, None]  # [pages, page_size]
+        page_in_segment = torch.arange(self.n_pages, device=self.pages_k.device) - (
+            torch.cumsum(self._pages_per_segment(), 0) - self._pages_per_segment())[self.page_segment]
+        position = (page_in_segment[:, None] * self.page_size + slots[None, :])[valid]
+        segment = self.page_segment[:, None].expand(-1, self.page_size)[valid]
+        keys = self.pages_k.new_zeros(batch * heads, longest, self.head_dim)
+        values = self.pages_v.new_zeros(batch * heads, longest, self.pages_v.shape[-1])
+        page_keys = self.pages_k
+        if self.key_channels is not None:  # pruned channels come back as zeros
+            page_keys = self.pages_k.new_zeros(*self.pages_k.shape[:2], self.head_dim).scatter_(
+                -1, self.key_channels[self.page_segment][:, None, :].expand(-1, self.page_size, -1), self.pages_k)
+        keys[segment, position] = page_keys[valid]
+        values[segment, position] = self.pages_v[valid]
+        real = torch.arange(longest, device=keys.device)[None, :] < self.lengths.flatten()[:, None]
+        keys = torch.cat([keys.view(batch, heads, longest, self.tail_k.shape[-1]), self.tail_k], dim=2)
+        values = torch.cat([values.view(batch, heads, longest, self.tail_v.shape[-1]), self.tail_v], dim=2)
+        real = torch.cat([real.view(batch, heads, longest), real.new_ones(batch, heads, tail)], dim=2)
+        return keys, values, real
+
+    def _pages_per_segment(self) -> torch.Tensor:
+        return torch.bincount(self.page_segment, minlength=self.batch * self.heads)
+
+    def channels(self) -> torch.Tensor | None:
+        return None if self.key_channels is None else self.key_channels.view(self.batch, self.heads, -1)
+
+    def keep(self, mask: torch.Tensor) -> "RaggedLayer":
+        """Keep the tokens of `dense_view()` where `mask` is True (padding is never kept)."""
+        keys, values, real = self.dense_view()
+        kept = RaggedLayer.from_dense(keys, values, mask & real, self.seen, key_channels=self.channels())
+        kept.peak_bytes = self.peak_bytes
+        return kept
+
+    def prune_key_channels(self, channels: torch.Tensor) -> "RaggedLayer":
+        """Keep only `channels` [batch, heads, kept_dim] of the stored keys."""
+        keys, values, real = self.dense_view()
+        pruned = RaggedLayer.from_dense(keys, values, real, self.seen, self.page_size, key_channels=channels)
+        pruned.peak_bytes = self.peak_bytes
+        return pruned
+
+    def _rebuild(self, batch_index: torch.Tensor) -> None:
+        keys, values, real = self.dense_view()
+        channels = self.channels()
+        rebuilt = RaggedLayer.from_dense(keys[batch_index], values[batch_index], real[batch_index], self.seen,
+                                         self.page_size, None if channels is None else channels[batch_index])
+        peak = self.peak_bytes
+        self.__dict__.update(rebuilt.__dict__)
+        self.peak_bytes = peak
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._rebuild(beam_idx.to(self.pages_k.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rebuild(torch.arange(self.batch, device=self.pages_k.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rebuild(indices.to(self.pages_k.device))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0 or -tokens_to_remove > self.tail_k.shape[-2]:
+            raise ValueError("a RaggedLayer can only crop tokens added after compression")
+        if tokens_to_remove:
+            self.tail_k, self.tail_v = self.tail_k[..., :tokens_to_remove, :], self.tail_v[..., :tokens_to_remove, :]
+            self.seen += tokens_to_remove
