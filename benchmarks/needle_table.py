@@ -1,17 +1,30 @@
-"""Needle-in-a-haystack accuracy of every method at several ratios on the bundled model.
+"""Needle-in-a-haystack accuracy of methods at several ratios on the bundled model.
 
 Query-agnostic protocol: the haystack is compressed without the question, then the question is
-asked. Depths are spread evenly over the context. Prints a markdown table and writes JSON lines.
+asked. Depths are spread evenly over the context. Methods are registry names or specs with
+parameters ("think:key_channel_ratio=0.5"); `--ratios` applies to those that take a ratio, the
+others run once with their own settings. Each row reports the compression really measured.
+Results are appended to `--out` (JSON lines); configurations already there are skipped.
 
     python benchmarks/needle_table.py --tokens 3000 --samples 10 --ratios 0.25,0.5,0.75
 """
 
 import argparse
+import inspect
 import json
 import time
+from pathlib import Path
 
 import kvsqueeze
 from kvsqueeze.evaluation.needle import needle_sample
+
+
+def configurations(specs, ratios):
+    for spec in specs:
+        name = spec.partition(":")[0]
+        takes_ratio = "ratio" in inspect.signature(kvsqueeze.available()[name]).parameters if name != "full" else False
+        for ratio in (ratios if takes_ratio else [None]):
+            yield spec, ratio
 
 
 def main():
@@ -20,36 +33,55 @@ def main():
     parser.add_argument("--tokens", type=int, default=3000)
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--ratios", default="0.25,0.5,0.75")
-    parser.add_argument("--methods", default=",".join(kvsqueeze.available()))
-    parser.add_argument("--out", default="needle_table.jsonl")
+    parser.add_argument("--methods", default="full," + ",".join(kvsqueeze.available()),
+                        help="comma-separated; parameters after ':' joined by '+', e.g. think:key_channel_ratio=0.5")
+    parser.add_argument("--out", default="results/needle_table.jsonl")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
-    names = args.methods.split(",")
+    specs = [spec.replace("+", ",") for spec in args.methods.split(",")]
+    out_path = Path(args.out)
+    done = {(r["method"], r["ratio"]) for r in map(json.loads, out_path.open())} if out_path.exists() else set()
     models = {attn: kvsqueeze.load(args.model, attn_implementation=attn) for attn in ("sdpa", "eager")}
     tokenizer = models["sdpa"][1]
     samples = [needle_sample(tokenizer, args.tokens, i / max(args.samples - 1, 1), seed=i) for i in range(args.samples)]
-    scores = {}
-    with open(args.out, "w") as out:
-        for name, ratio in [("full", 0.0)] + [(n, r) for n in names for r in ratios]:
-            model = models["eager" if name == "observed_attention" else "sdpa"][0]
-            method = None if name == "full" else kvsqueeze.method(name, ratio=ratio)
-            hits, start = 0, time.perf_counter()
+    with out_path.open("a") as out:
+        for spec, ratio in configurations(specs, ratios):
+            if (spec, ratio) in done:
+                continue
+            model = models["eager" if spec.startswith("observed_attention") else "sdpa"][0]
+            method = None if spec == "full" else kvsqueeze.methods.build(spec, ratio)
+            start = time.perf_counter()
             for sample in samples:
                 ctx = kvsqueeze.compress(model, tokenizer, sample.context, method)
                 answer = ctx.ask(sample.question, max_new_tokens=24)
-                hits += sample.correct(answer)
-                out.write(json.dumps({"method": name, "ratio": ratio, "depth": sample.depth, "answer": answer,
+                out.write(json.dumps({"method": spec, "ratio": ratio, "depth": sample.depth, "answer": answer,
                                       "expected": sample.answer, "correct": sample.correct(answer),
-                                      "tokens": ctx.stats.context_tokens, "bytes_held": ctx.stats.bytes_held,
+                                      "tokens": ctx.stats.context_tokens,
+                                      "compression_ratio": ctx.stats.compression_ratio,
+                                      "bytes_held": ctx.stats.bytes_held,
                                       "bytes_uncompressed": ctx.stats.bytes_uncompressed}) + "\n")
                 out.flush()
-            scores[name, ratio] = hits
-            print(f"{name} {ratio}: {hits}/{len(samples)} ({time.perf_counter() - start:.0f} s)", flush=True)
-    print(f"\n| method | " + " | ".join(f"ratio {r}" for r in ratios) + " |")
+            print(f"{spec} {ratio}: {time.perf_counter() - start:.0f} s", flush=True)
+    print_table(out_path, specs, ratios)
+
+
+def print_table(path, specs, ratios):
+    rows = [json.loads(line) for line in path.open()]
+
+    def cell(spec, ratio):
+        hits = [r for r in rows if r["method"] == spec and r["ratio"] == ratio]
+        if not hits:
+            return "—"
+        measured = sum(r["bytes_held"] / r["bytes_uncompressed"] for r in hits) / len(hits)
+        return f"{sum(r['correct'] for r in hits)}/{len(hits)} ({measured:.0%} bytes)"
+
+    print("\n| method | " + " | ".join(f"ratio {r}" for r in ratios) + " |")
     print("|---|" + "---|" * len(ratios))
-    print(f"| full cache | " + " | ".join(f"{scores['full', 0.0]}/{len(samples)}" for _ in ratios) + " |")
-    for name in names:
-        print(f"| {name} | " + " | ".join(f"{scores[name, r]}/{len(samples)}" for r in ratios) + " |")
+    for spec in specs:
+        if any(r["method"] == spec and r["ratio"] is None for r in rows):
+            print(f"| {spec} | {cell(spec, None)} |" + " |" * (len(ratios) - 1))
+        else:
+            print(f"| {spec} | " + " | ".join(cell(spec, r) for r in ratios) + " |")
 
 
 if __name__ == "__main__":

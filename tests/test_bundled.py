@@ -83,3 +83,66 @@ def test_cli_ask_and_methods(tmp_path, capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert cli.main(["ask", str(document), "-q", "x", "-r", "1.2"]) == 2
     assert "[0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_adakv_frees_what_it_removes(bundled, ratio):
+    """Head-wise budgets really free memory: at most (1 - ratio) of the bytes, plus 3% (pages and index)."""
+    from importlib.resources import files
+    model, tokenizer = bundled
+    document = files("kvsqueeze").joinpath("data/document.txt").read_text()
+    ctx = kvsqueeze.compress(model, tokenizer, document, kvsqueeze.AdaKV(ratio=ratio))
+    assert all(isinstance(layer, kvsqueeze.RaggedLayer) for layer in ctx.cache.layers)
+    held = sum(t.nbytes for layer in ctx.cache.layers for t in (layer.pages_k, layer.pages_v, layer.page_segment,
+                                                                  layer.page_fill, layer.lengths, layer.tail_k,
+                                                                  layer.tail_v))
+    assert held == ctx.stats.bytes_held
+    assert ctx.stats.bytes_held <= (1 - ratio + 0.03) * ctx.stats.bytes_uncompressed
+    per_head = torch.cat([layer.kept_per_head().flatten() for layer in ctx.cache.layers])
+    assert per_head.min() < per_head.max()  # really head-adaptive
+    assert ctx.ask("What is the town called?", max_new_tokens=8)
+
+
+def test_think_at_half_holds_half_the_key_bytes(bundled):
+    model, tokenizer = bundled
+    sample = needle_sample(tokenizer, 1500, 0.5, seed=4)
+    full = kvsqueeze.compress(model, tokenizer, sample.context)
+    thin = kvsqueeze.compress(model, tokenizer, sample.context, kvsqueeze.ThinK(key_channel_ratio=0.5))
+    full_keys = sum(layer.keys.nbytes for layer in full.cache.layers)
+    thin_keys = sum(layer.pages_k.nbytes for layer in thin.cache.layers)
+    assert thin_keys <= 0.5 * full_keys * 1.02
+    assert thin.nbytes() <= 0.77 * full.nbytes()  # values are all kept: 3/4 of the bytes, plus pages and index
+    assert thin.ask(sample.question, max_new_tokens=24)
+
+
+@pytest.mark.parametrize("name", sorted(kvsqueeze.available()))
+def test_every_method_runs_end_to_end_on_the_bundled_model(bundled, name):
+    model, tokenizer = bundled
+    sample = needle_sample(tokenizer, 600, 0.3, seed=5)
+    if name == "observed_attention":
+        model.set_attn_implementation("eager")
+    try:
+        ctx = kvsqueeze.compress(model, tokenizer, sample.context, build_method(name, 0.5, model))
+        answers = ctx.ask_many([sample.question, "What is this text about?"], max_new_tokens=10)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert ctx.stats.bytes_held <= ctx.stats.bytes_uncompressed
+
+
+def test_calibration_routines_on_the_bundled_model(bundled, tmp_path):
+    from kvsqueeze.calibration import duo_attention_gates, retrieval_head_scores
+    from kvsqueeze.head_scores import save_head_scores
+    model, tokenizer = bundled
+    scores = retrieval_head_scores(model, tokenizer, samples=2, lengths=(500,), progress=False)
+    assert scores.shape == (30, 3) and scores.max() > 0 and (scores >= 0).all()
+    gates = duo_attention_gates(model, tokenizer, steps=2, tokens=300, progress=False)
+    assert gates.shape == (30, 3) and ((gates >= 0) & (gates <= 1)).all() and gates.min() < 1
+    assert all(p.requires_grad for p in model.parameters()) and model.config._attn_implementation.endswith("sdpa")
+    path = tmp_path / "heads.json"
+    save_head_scores(path, scores, model, "headkv")
+    sample = needle_sample(tokenizer, 800, 0.5, seed=6)
+    ctx = kvsqueeze.compress(model, tokenizer, sample.context, kvsqueeze.HeadKV(ratio=0.5, head_scores=path))
+    assert ctx.stats.compression_ratio == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(ValueError, match="headkv scores, not duo_attention"):
+        kvsqueeze.compress(model, tokenizer, sample.context, kvsqueeze.DuoAttention(head_patterns=path))

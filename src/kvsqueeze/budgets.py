@@ -166,10 +166,19 @@ class HeadBudgets(Budget):
 
     def head_counts(self, n_tokens: int, layer_idx: int) -> torch.Tensor:
         k = self.base.n_keep(n_tokens)
-        share = max(k - self.window, 0)
+        share, room = max(k - self.window, 0), max(n_tokens - self.window, 0)
         pool = math.floor(share / self.beta)
-        counts = (self.importance[layer_idx] * pool * self.importance.numel() + share - pool).round().long()
-        return (counts + self.window).clamp(1, n_tokens)
+        counts = self.importance * pool * self.importance.numel() + share - pool
+        # A head cannot keep more than the context: what it cannot take goes to the others by importance
+        # (the authors truncate instead, which keeps less than the budget when budgets are large).
+        for _ in range(self.importance.numel()):
+            full = counts >= room
+            excess = (counts[full] - room).sum()
+            if excess <= 1e-6 or bool(full.all()):
+                break
+            counts = torch.where(full, torch.tensor(float(room)), counts)
+            counts[~full] += excess * self.importance[~full] / self.importance[~full].sum()
+        return (counts[layer_idx].round().long() + self.window).clamp(1, n_tokens)
 
     def select(self, scores, layer_idx=0, n_layers=1):
         n = scores.shape[-1]

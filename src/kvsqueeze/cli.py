@@ -24,11 +24,6 @@ def megabytes(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
 
 
-def build_method(name: str, ratio: float | None, budget: int | None):
-    kwargs = {"budget": budget} if budget is not None else {"ratio": 0.5 if ratio is None else ratio}
-    return method_registry.method(name, **kwargs)
-
-
 def run(model, tokenizer, context: str, question: str, method, max_new_tokens: int) -> dict:
     from .pipeline import compress
 
@@ -73,7 +68,7 @@ def ask_command(args) -> int:
         context = sys.stdin.read()
     else:
         context = open(args.file, encoding="utf-8").read()
-    method = build_method(args.method, args.ratio, args.budget)
+    method = method_registry.build(args.method, args.ratio, args.budget, args.param)
     model, tokenizer = models.load(args.model, attn_implementation=args.attn)
     runs = []
     if not args.no_full:
@@ -87,7 +82,7 @@ def demo_command(args) -> int:
     from . import models
 
     document = files("kvsqueeze").joinpath("data/document.txt").read_text()
-    method = build_method(args.method, args.ratio, None)
+    method = method_registry.build(args.method, args.ratio)
     print(f"kvsqueeze demo: the bundled SmolLM2-135M-Instruct answers a question about a built-in document,\n"
           f"first with its full KV cache, then with {method!r}.\n", flush=True)
     model, tokenizer = models.load(DEFAULT_MODEL)
@@ -95,6 +90,25 @@ def demo_command(args) -> int:
             (f"{method.name} ratio={method.budget.ratio}",
              run(model, tokenizer, document, DEMO_QUESTION, method, args.max_new_tokens))]
     print(side_by_side(DEMO_QUESTION, runs))
+    return 0
+
+
+def calibrate_command(args) -> int:
+    from . import calibration, models
+    from .head_scores import save_head_scores
+
+    model, tokenizer = models.load(args.model)
+    if args.kind == "headkv":
+        lengths = (args.tokens // 2, args.tokens)
+        scores = calibration.retrieval_head_scores(model, tokenizer, samples=args.samples, lengths=lengths,
+                                                   seed=args.seed)
+        settings = {"samples": args.samples, "lengths": list(lengths), "seed": args.seed}
+    else:
+        scores = calibration.duo_attention_gates(model, tokenizer, steps=args.steps, tokens=args.tokens,
+                                                 seed=args.seed)
+        settings = {"steps": args.steps, "tokens": args.tokens, "seed": args.seed}
+    save_head_scores(args.out, scores, model, args.kind, settings)
+    print(f"wrote {args.kind} scores for {scores.shape[0]} layers x {scores.shape[1]} KV heads to {args.out}")
     return 0
 
 
@@ -123,11 +137,27 @@ def parser() -> argparse.ArgumentParser:
     budget = ask.add_mutually_exclusive_group()
     budget.add_argument("-r", "--ratio", type=float, help="fraction removed, in [0, 1) (default 0.5)")
     budget.add_argument("-b", "--budget", type=int, help="tokens kept per head instead of a ratio")
+    ask.add_argument("-p", "--param", action="append", metavar="KEY=VALUE",
+                     help="a method parameter, e.g. -p window_size=64 -p head_scores=heads.json (repeatable)")
     ask.add_argument("--model", default=None, help="hub id or local folder (default: the bundled SmolLM2)")
     ask.add_argument("--attn", default="sdpa", help="attention implementation: sdpa, eager, flash_attention_2")
     ask.add_argument("--max-new-tokens", type=int, default=128)
     ask.add_argument("--no-full", action="store_true", help="skip the full-cache run")
     ask.set_defaults(handler=ask_command)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="compute the head scores HeadKV or DuoAttention need, on your model, offline",
+        description="Compute per-head scores on a model with locally generated needle tasks and save them as JSON: "
+                    "`headkv` (retrieval-reasoning head importance, for HeadKV(head_scores=FILE)) or `duo_attention` "
+                    "(optimised retrieval/streaming gates, for DuoAttention(head_patterns=FILE)).")
+    calibrate.add_argument("kind", choices=["headkv", "duo_attention"])
+    calibrate.add_argument("-o", "--out", required=True, help="the JSON file to write")
+    calibrate.add_argument("--model", default=None, help="hub id or local folder (default: the bundled SmolLM2)")
+    calibrate.add_argument("--samples", type=int, default=12, help="headkv: needle samples")
+    calibrate.add_argument("--steps", type=int, default=40, help="duo_attention: optimisation steps")
+    calibrate.add_argument("--tokens", type=int, default=1500, help="context length of the calibration samples")
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.set_defaults(handler=calibrate_command)
 
     listing = commands.add_parser("methods", help="list every method and what it keeps",
                                   description="List every method: registry name, class, what it keeps.")

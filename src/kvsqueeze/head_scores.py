@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -21,9 +22,13 @@ def save_head_scores(path: str | Path, scores: torch.Tensor, model, kind: str, s
 
 def load_head_scores(source, model, kind: str) -> torch.Tensor:
     """A [layers, kv_heads] float tensor from a file written by `save_head_scores`, a DuoAttention
-    `full_attention_heads.tsv` (one row of gates per layer), or a tensor / nested list."""
+    `full_attention_heads.tsv` (one row of gates per layer), a tensor / nested list, or "smollm2" for
+    the scores shipped for the bundled model (made with `kvsqueeze calibrate`)."""
     if isinstance(source, (str, Path)):
         path = Path(source)
+        bundled = files("kvsqueeze").joinpath(f"data/{source}_{kind}.json")
+        if not path.exists() and bundled.is_file():  # e.g. "smollm2": the scores shipped for the bundled model
+            path = Path(str(bundled))
         if not path.exists():
             raise FileNotFoundError(f"no head scores at {path}; compute them with `kvsqueeze calibrate {kind}`")
         text = path.read_text()

@@ -115,7 +115,7 @@ def compress(model, tokenizer, context: str | torch.Tensor, method: Method | Non
         context_tokens=ids.shape[1],
         kept_per_layer_head=[heads[0].tolist() for heads in cache.kept_per_head()],
         bytes_held=cache.nbytes(), bytes_uncompressed=cache.peak_bytes(), seconds=seconds,
-        compressible_layers=[i for i, layer in enumerate(cache.layers) if isinstance(layer, EvictingLayer)])
+        compressible_layers=[i for i, layer in enumerate(cache.layers) if not isinstance(layer, SlidingWindowLayer)])
     return CompressedContext(model, tokenizer, cache, ids, method, prompt, stats)
 
 

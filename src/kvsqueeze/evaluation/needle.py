@@ -37,6 +37,7 @@ class NeedleSample:
     answer: str
     depth: float
     n_tokens: int
+    needle: str  # the inserted sentence, as it appears in the context
 
     def correct(self, prediction: str) -> bool:
         return self.answer in prediction
@@ -72,7 +73,7 @@ def needle_sample(tokenizer, n_tokens: int, depth: float, seed: int = 0) -> Need
     before = sentences[:cut] + [(sentences[cut - 1][0] if cut else 0, needle)] + sentences[cut:]
     text = "\n\n".join(" ".join(s for j, s in before if j == i) for i in range(len(parts)))
     question = f"What is the special magic number for the {key}? Answer with the number only."
-    return NeedleSample(text, question, number, depth, n_tokens)
+    return NeedleSample(text, question, number, depth, n_tokens, needle)
 
 
 def split_sentences(paragraph: str) -> list[str]:

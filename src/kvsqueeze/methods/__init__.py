@@ -1,5 +1,8 @@
 """Every compression method, one file each, registered by name."""
 
+import inspect
+import json
+
 from .adakv import AdaKV
 from .base import REGISTRY, Method, ScorerMethod, as_scorer
 from .critical_adakv import CriticalAdaKV
@@ -35,6 +38,42 @@ def method(name: str, **kwargs) -> Method:
     if key not in REGISTRY:
         raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[key](**kwargs)
+
+
+def parse_params(params: list[str] | None) -> dict:
+    """`key=value` pairs; values are read as JSON when they parse (numbers, booleans), else as strings."""
+    parsed = {}
+    for item in params or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"a method parameter is key=value; got {item!r}")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+def build(spec: str, ratio: float | None = None, budget: int | None = None, params: list[str] | None = None) -> Method:
+    """A method from text, as the command line and the evaluation give it: "snapkv", or
+    "think:key_channel_ratio=0.5,window_size=32"; `ratio` / `budget` go to methods that take them."""
+    name, _, inline = spec.partition(":")
+    registry = available()
+    key = name.lower().replace("-", "_")
+    if key not in registry:
+        raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(registry)}")
+    accepted = inspect.signature(registry[key]).parameters
+    kwargs = parse_params([p for p in inline.split(",") if p]) | parse_params(params)
+    if budget is not None:
+        kwargs["budget"] = budget
+    elif "ratio" in accepted and "ratio" not in kwargs:
+        kwargs["ratio"] = 0.5 if ratio is None else ratio
+    elif ratio is not None and "ratio" not in accepted:
+        raise ValueError(f"{key} takes no ratio; set its parameters instead ({', '.join(accepted)})")
+    unknown = set(kwargs) - set(accepted)
+    if unknown:
+        raise ValueError(f"{key} has no parameter {', '.join(sorted(unknown))}; it takes {', '.join(accepted)}")
+    return registry[key](**kwargs)
 
 
 def available() -> dict[str, type[Method]]:
