@@ -30,21 +30,29 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class Budget:
-    """Where to keep tokens given their scores."""
+    """Where to keep tokens given their scores.
 
-    def n_keep(self, n_tokens: int, layer_idx: int = 0, n_layers: int = 1) -> int:
-        """Tokens each head of this layer keeps out of `n_tokens`."""
+    `seen` is the number of tokens the budget is about (the logical length: with chunked prefill, more
+    than the layer holds), one value per batch row.
+    """
+
+    def n_keep(self, seen: int, layer_idx: int = 0, n_layers: int = 1) -> int:
+        """Tokens each head of this layer keeps, on average, out of `seen`."""
         raise NotImplementedError
+
+    def head_counts(self, scores: torch.Tensor, seen: torch.Tensor, layer_idx: int, n_layers: int) -> torch.Tensor:
+        """Tokens each (batch row, head) keeps: [batch, kv_heads]. By default the same in every head."""
+        per_row = torch.tensor([self.n_keep(int(n), layer_idx, n_layers) for n in seen], device=scores.device)
+        return per_row[:, None].expand(scores.shape[:2])
+
+    def select(self, scores: torch.Tensor, seen: torch.Tensor, layer_idx: int = 0, n_layers: int = 1) -> torch.Tensor:
+        """Keep-mask for `scores` [batch, kv_heads, stored] (padding scored -inf is never chosen first)."""
+        counts = self.head_counts(scores, seen, layer_idx, n_layers).clamp(max=scores.shape[-1])
+        return top_k_per_head(scores, counts)
 
     def describe(self) -> dict:
         """The budget's settings, as a method's constructor takes them."""
         raise NotImplementedError
-
-    def select(self, scores: torch.Tensor, layer_idx: int = 0, n_layers: int = 1) -> torch.Tensor | None:
-        """Keep-mask for `scores`, or None when everything is kept."""
-        n_tokens = scores.shape[-1]
-        k = self.n_keep(n_tokens, layer_idx, n_layers)
-        return None if k >= n_tokens else top_k_mask(scores, k)
 
 
 class Uniform(Budget):
@@ -56,11 +64,11 @@ class Uniform(Budget):
         self.ratio = None if ratio is None else check_ratio(ratio)
         self.tokens = None if tokens is None else check_tokens(tokens)
 
-    def n_keep(self, n_tokens, layer_idx=0, n_layers=1):
+    def n_keep(self, seen, layer_idx=0, n_layers=1):
         if self.tokens is not None:
-            return min(self.tokens, n_tokens)
+            return min(self.tokens, seen)
         # floor(n (1 - ratio)) as kvpress keeps, with a tolerance so that 50 * (1 - 0.8) keeps 10, not 9
-        return n_tokens if self.ratio == 0 else math.floor(n_tokens * (1 - self.ratio) + 1e-6)
+        return seen if self.ratio == 0 else math.floor(seen * (1 - self.ratio) + 1e-6)
 
     def describe(self) -> dict:
         return {"ratio": self.ratio} if self.tokens is None else {"budget": self.tokens}
@@ -127,7 +135,8 @@ class HeadAdaptive(Budget):
     def n_keep(self, n_tokens, layer_idx=0, n_layers=1):
         return self.base.n_keep(n_tokens)
 
-    def head_counts(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+    def adaptive_counts(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """AdaKV's per-head counts for one per-head budget k, for every batch row."""
         batch, heads, n = scores.shape
         top = scores.reshape(batch, heads * n).topk(heads * k, dim=-1).indices
         chosen = torch.zeros(batch, heads, device=scores.device).scatter_add_(
@@ -137,11 +146,10 @@ class HeadAdaptive(Budget):
         total = torch.full((batch,), heads * (k - floor_share), device=scores.device)
         return (floor_share + largest_remainder(shares, total)).clamp(max=n)
 
-    def select(self, scores, layer_idx=0, n_layers=1):
-        k = self.n_keep(scores.shape[-1])
-        if k >= scores.shape[-1]:
-            return None
-        return top_k_per_head(scores, self.head_counts(scores, k))
+    def head_counts(self, scores, seen, layer_idx=0, n_layers=1):
+        rows = [self.adaptive_counts(scores[b:b + 1], min(self.n_keep(int(n)), scores.shape[-1]))
+                for b, n in enumerate(seen)]
+        return torch.cat(rows)
 
     def describe(self) -> dict:
         return self.base.describe() | {"alpha_safeguard": self.alpha}
@@ -164,7 +172,8 @@ class HeadBudgets(Budget):
     def n_keep(self, n_tokens, layer_idx=0, n_layers=1):
         return self.base.n_keep(n_tokens)
 
-    def head_counts(self, n_tokens: int, layer_idx: int) -> torch.Tensor:
+    def layer_counts(self, n_tokens: int, layer_idx: int) -> torch.Tensor:
+        """Tokens each KV head of layer `layer_idx` keeps out of `n_tokens`."""
         k = self.base.n_keep(n_tokens)
         share, room = max(k - self.window, 0), max(n_tokens - self.window, 0)
         pool = math.floor(share / self.beta)
@@ -180,11 +189,8 @@ class HeadBudgets(Budget):
             counts[~full] += excess * self.importance[~full] / self.importance[~full].sum()
         return (counts[layer_idx].round().long() + self.window).clamp(1, n_tokens)
 
-    def select(self, scores, layer_idx=0, n_layers=1):
-        n = scores.shape[-1]
-        if self.base.n_keep(n) >= n:
-            return None
-        return top_k_per_head(scores, self.head_counts(n, layer_idx).to(scores.device).expand(scores.shape[:2]))
+    def head_counts(self, scores, seen, layer_idx=0, n_layers=1):
+        return torch.stack([self.layer_counts(int(n), layer_idx) for n in seen]).to(scores.device)
 
     def describe(self) -> dict:
         return self.base.describe() | {"beta": self.beta}

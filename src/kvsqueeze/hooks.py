@@ -117,6 +117,18 @@ class LayerContext:
         return self.keys.shape[-2]
 
     @property
+    def seen(self) -> torch.Tensor:
+        """Tokens the layer has seen (its logical length), per batch row: [batch]."""
+        return torch.full((self.keys.shape[0],), self.layer.seen, dtype=torch.long)
+
+    @property
+    def held(self) -> torch.Tensor:
+        """Tokens each (batch row, KV head) holds now: [batch, kv_heads]."""
+        if self.real is None:
+            return torch.full(self.keys.shape[:2], self.n_stored, dtype=torch.long, device=self.keys.device)
+        return self.real.sum(-1)
+
+    @property
     def n_new(self) -> int:
         return self.hidden_states.shape[1]
 

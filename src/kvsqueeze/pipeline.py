@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from . import attention
@@ -79,20 +80,46 @@ def check_fits(model, n_tokens: int) -> None:
                                   "shorten it (or use a model with a longer window)")
 
 
-def prefill(model, ids: torch.Tensor, cache: SqueezeCache, method: Method | None) -> None:
-    """Run the context through the model, filling `cache`; `method` compresses it layer by layer."""
+def chunks(n_tokens: int, chunk_size: int | None) -> list[slice]:
+    """Consecutive slices of at most `chunk_size` tokens; a last chunk of one token joins the one before, so
+    every forward is a multi-token (prefill) forward."""
+    if chunk_size is None or chunk_size >= n_tokens:
+        return [slice(0, n_tokens)]
+    if chunk_size < 2:
+        raise ValueError(f"chunk_size must be at least 2 tokens; got {chunk_size}")
+    starts = list(range(0, n_tokens, chunk_size))
+    if n_tokens - starts[-1] == 1:
+        starts.pop()
+    return [slice(a, b) for a, b in zip(starts, starts[1:] + [n_tokens])]
+
+
+def prefill(model, ids: torch.Tensor, cache: SqueezeCache, method: Method | None, chunk_size: int | None = None,
+            progress: bool = False) -> None:
+    """Run the context through the model, filling `cache`; `method` compresses it layer by layer.
+
+    With `chunk_size`, the context goes in chunks and the method compresses the running cache after each,
+    so the cache never holds more than the method's budget plus one chunk.
+    """
+    parts = chunks(ids.shape[1], chunk_size)
+    if len(parts) > 1 and method is not None and method.needs_whole_context:
+        raise ValueError(f"{type(method).__name__} decides once from the whole context and cannot compress "
+                         "chunk by chunk: use it without chunk_size")
     attention.install(model)
     base = model.base_model  # the decoder without the LM head: no logits are needed for the context
     with torch.no_grad(), (method.apply(model) if method is not None else nullcontext()):
-        base(input_ids=ids.to(model.device), past_key_values=cache, use_cache=True)
+        for part in tqdm(parts, desc="prefill", disable=not progress or len(parts) == 1):
+            base(input_ids=ids[:, part].to(model.device), past_key_values=cache, use_cache=True)
 
 
 def compress(model, tokenizer, context: str | torch.Tensor, method: Method | None = None, *,
-             chat_template: bool = True) -> "CompressedContext":
+             chunk_size: int | None = None, chat_template: bool = True, check_window: bool = True,
+             progress: bool = False) -> "CompressedContext":
     """Prefill `context` and compress its cache with `method` (None keeps everything).
 
     `context` is text (placed in the user turn of the chat template, when the tokenizer has one) or
-    token ids [1, n] used as they are.
+    token ids [1, n] used as they are. `chunk_size` prefills in chunks, compressing after each (peak
+    memory bounded by the budget plus one chunk). `check_window=False` allows contexts longer than the
+    model's window (for memory measurements: the model was not trained on such positions).
     """
     if not isinstance(model, PreTrainedModel):
         raise attention.UnsupportedModelError(f"kvsqueeze compresses transformers models; got {type(model).__name__}")
@@ -106,10 +133,11 @@ def compress(model, tokenizer, context: str | torch.Tensor, method: Method | Non
         ids = torch.as_tensor(context).reshape(1, -1)
     if ids.shape[1] == 0:
         raise ValueError("the context is empty")
-    check_fits(model, ids.shape[1])
+    if check_window:
+        check_fits(model, ids.shape[1])
     cache = SqueezeCache(model.config)
     start = time.perf_counter()
-    prefill(model, ids, cache, method)
+    prefill(model, ids, cache, method, chunk_size, progress)
     seconds = time.perf_counter() - start
     stats = CompressionStats(
         context_tokens=ids.shape[1],

@@ -23,6 +23,7 @@ class Method:
 
     name: ClassVar[str] = ""
     phase: ClassVar[str] = "prefill"
+    needs_whole_context: ClassVar[bool] = False  # True: cannot compress a context chunk by chunk
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -88,11 +89,14 @@ class ScorerMethod(Method):
         return scores if ctx.real is None else scores.masked_fill(~ctx.real, float("-inf"))
 
     def compress(self, ctx: LayerContext) -> None:
-        if self.budget.n_keep(ctx.n_stored, *ctx.depth) >= ctx.n_stored:
-            return  # nothing to remove: skip scoring, so ratio 0 reproduces the model exactly
-        keep = self.budget.select(self.scores(ctx), *ctx.depth)
-        if keep is not None:
-            ctx.keep(keep)
+        if not self.removes_anything(ctx):
+            return  # skip scoring: ratio 0 reproduces the model exactly
+        ctx.keep(self.budget.select(self.scores(ctx), ctx.seen, *ctx.depth))
+
+    def removes_anything(self, ctx: LayerContext) -> bool:
+        """Whether the budget asks any (batch row, head) to hold fewer tokens than it does."""
+        targets = torch.tensor([self.budget.n_keep(int(n), *ctx.depth) for n in ctx.seen])
+        return bool((ctx.held.min(-1).values.cpu() > targets).any())
 
     def describe(self) -> dict:
         return self.budget.describe() | self.settings()

@@ -15,10 +15,4 @@ class CriticalAdaKV(CriticalKV):
     def __init__(self, ratio=None, budget=None, scorer="snapkv", first_stage_ratio: float = 0.5,
                  epsilon: float = 1e-4, alpha_safeguard: float = 0.2):
         super().__init__(ratio, budget, scorer, first_stage_ratio, epsilon)
-        self.adaptive = HeadAdaptive(self.budget, alpha_safeguard)
-
-    def head_counts(self, scores, k):
-        return self.adaptive.head_counts(scores, k)
-
-    def settings(self):
-        return super().settings() | {"alpha_safeguard": self.adaptive.alpha}
+        self.budget = HeadAdaptive(self.budget, alpha_safeguard)

@@ -45,16 +45,11 @@ class CriticalKV(ScorerMethod):
     def setup(self, model):
         self.scorer.setup(model)
 
-    def head_counts(self, scores: torch.Tensor, k: int) -> torch.Tensor:
-        """Tokens each head keeps: the same k for all heads here (CriticalAdaKV adapts them)."""
-        return torch.full(scores.shape[:2], k, device=scores.device)
-
     def compress(self, ctx: LayerContext) -> None:
-        k = self.budget.n_keep(ctx.n_stored, *ctx.depth)
-        if k >= ctx.n_stored:
+        if not self.removes_anything(ctx):
             return
         scores = self.scorer.scores(ctx).float()
-        counts = self.head_counts(scores, k)
+        counts = self.budget.head_counts(scores, ctx.seen, *ctx.depth).clamp(max=ctx.n_stored)
         first = top_k_per_head(scores, (counts * self.first_stage_ratio).floor().long())
         refined = (scores + self.epsilon) * projected_value_norm(ctx)
         refined = refined.masked_fill(first, math.inf)

@@ -16,6 +16,7 @@ class ThinK(Method):
     """
 
     name = "think"
+    needs_whole_context = True  # the kept channels are chosen once: later chunks could not change them
 
     def __init__(self, key_channel_ratio: float = 0.4, window_size: int = 32, scorer=None):
         if not 0 <= key_channel_ratio < 1:
