@@ -89,7 +89,7 @@ def test_hooks_are_removed_and_apply_works_around_generate():
     cache = out.past_key_values
     assert isinstance(cache, kvsqueeze.SqueezeCache)
     assert cache.get_seq_length() == 42 and cache.layers[0].stored == 20 + 2  # compressed at prefill, then decoding
-    assert all(not m._forward_hooks for m in attention_modules(model)) and not model._forward_pre_hooks
+    assert all(not m._forward_hooks for m in attention_modules(model)) and not model.model._forward_pre_hooks
     with method.apply(model):
         out = model(ids, use_cache=True)
     assert out.past_key_values.layers[0].stored == 20

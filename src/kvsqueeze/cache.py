@@ -55,10 +55,20 @@ class EvictingLayer(MeasuredLayer, DynamicLayer):
     def __init__(self, **kwargs):
         super().__init__()
         self.seen = 0
+        # per-token values a method keeps about the stored tokens ([batch, heads, stored], e.g. H2O's accumulated
+        # attention); gathered with the tokens on eviction. Replaced, never mutated, so forks stay independent.
+        self.state: dict[str, torch.Tensor] = {}
 
     def update(self, key_states, value_states, *args, **kwargs):
         self.seen += key_states.shape[-2]
         return super().update(key_states, value_states)
+
+    def restart_positions(self, keys: torch.Tensor) -> None:
+        """Store re-rotated `keys` whose positions are now 0..stored-1: the logical length becomes the stored one.
+
+        For methods whose positions follow the cache rather than the text (rolling StreamingLLM).
+        """
+        self.keys, self.seen = keys, keys.shape[-2]
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -82,7 +92,10 @@ class EvictingLayer(MeasuredLayer, DynamicLayer):
             return ragged
         if n_keep < self.stored:
             batch, heads, _ = mask.shape
-            index = mask.nonzero()[:, -1].view(batch, heads, n_keep, 1)
+            index = mask.nonzero()[:, -1].view(batch, heads, n_keep)
+            self.state = {name: values.gather(2, index) for name, values in self.state.items()
+                          if values.shape[-1] == self.stored}
+            index = index[..., None]
             self.keys = self.keys.gather(2, index.expand(-1, -1, -1, self.keys.shape[-1]))
             self.values = self.values.gather(2, index.expand(-1, -1, -1, self.values.shape[-1]))
         return self

@@ -169,7 +169,7 @@ class LayerContext:
         kwargs = {}
         if "layer_type" in inspect.signature(self.rotary_embedding.forward).parameters:
             kwargs["layer_type"] = self.config.layer_types[self.layer_idx]
-        return self.rotary_embedding(self.queries, positions[None].to(self.queries.device), **kwargs)
+        return self.rotary_embedding(self.queries, position_ids=positions[None].to(self.queries.device), **kwargs)
 
     @property
     def group_size(self) -> int:
@@ -196,17 +196,19 @@ class LayerContext:
         return per_query_head.view(batch, self.n_kv_heads, heads // self.n_kv_heads, *per_query_head.shape[2:]).mean(2)
 
 
-def _ensure_squeeze_cache(model: nn.Module):
-    """A pre-hook giving the model a SqueezeCache when it was called with none (or with an empty default cache)."""
+def _model_pre_hook(model: nn.Module, method: "Method"):
+    """A pre-hook on the model's forward: gives it a SqueezeCache when it was called with none (or with an empty
+    default cache), then lets the method see the forward's arguments."""
 
     def pre_hook(module, args, kwargs):
         cache = kwargs.get("past_key_values")
-        if kwargs.get("use_cache") is False or isinstance(cache, SqueezeCache):
-            return None
-        if cache is None or (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0):
-            kwargs["past_key_values"] = SqueezeCache(model.config)
-            return args, kwargs
-        raise TypeError(f"kvsqueeze methods compress a SqueezeCache; got a filled {type(cache).__name__}")
+        if kwargs.get("use_cache") is not False and not isinstance(cache, SqueezeCache):
+            if cache is None or (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0):
+                kwargs["past_key_values"] = SqueezeCache(model.config)
+            else:
+                raise TypeError(f"kvsqueeze methods compress a SqueezeCache; got a filled {type(cache).__name__}")
+        method.before_forward(kwargs)
+        return args, kwargs
 
     return pre_hook
 
@@ -238,7 +240,8 @@ def hooked(model: nn.Module, method: "Method"):
             with torch.no_grad():
                 method.compress(ctx)
 
-    handles = [model.register_forward_pre_hook(_ensure_squeeze_cache(model), with_kwargs=True)]
+    decoder = getattr(model, "base_model", model)  # model(...), generate and kvsqueeze's prefill all go through it
+    handles = [decoder.register_forward_pre_hook(_model_pre_hook(model, method), with_kwargs=True)]
     for module in modules:
         handles.append(module.register_forward_hook(after_attention, with_kwargs=True))
         attention.query_observers[module] = lambda query, module=module: captured.__setitem__(module, query)

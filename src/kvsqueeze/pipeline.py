@@ -166,8 +166,12 @@ class CompressedContext:
     def nbytes(self) -> int:
         return self.cache.nbytes()
 
-    def generate(self, question_ids: torch.Tensor, **generate_kwargs) -> torch.Tensor:
-        """`model.generate` on a fork of the cache; returns only the new tokens, [sequences, new]."""
+    def generate(self, question_ids: torch.Tensor, decode_method: Method | None = None,
+                 **generate_kwargs) -> torch.Tensor:
+        """`model.generate` on a fork of the cache; returns only the new tokens, [sequences, new].
+
+        `decode_method` (e.g. `DecodingBudget`, `H2O`, `RollingStreamingLLM`) keeps compressing while generating.
+        """
         ids = torch.cat([self.context_ids, question_ids.reshape(1, -1)], dim=1)
         check_fits(self.model, ids.shape[1])
         ids = ids.to(self.model.device)
@@ -187,24 +191,27 @@ class CompressedContext:
         if expand > 1:
             cache.batch_repeat_interleave(expand)
         attention.install(self.model)
-        with torch.no_grad():
+        with torch.no_grad(), (decode_method.apply(self.model) if decode_method is not None else nullcontext()):
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **kwargs)
         return out[:, ids.shape[1]:]
 
-    def ask(self, question: str, answer_prefix: str = "", **generate_kwargs) -> str | list[str]:
+    def ask(self, question: str, answer_prefix: str = "", decode_method: Method | None = None,
+            **generate_kwargs) -> str | list[str]:
         """Answer `question` about the context (greedy, 128 new tokens unless generate kwargs say otherwise).
 
-        Returns one string, or a list of strings when `num_return_sequences` > 1.
+        Returns one string, or a list of strings when `num_return_sequences` > 1. `decode_method` keeps
+        compressing while the answer is generated.
         """
         if self.prompt is None:
             raise ValueError("this context has no tokenizer: use generate() with token ids")
-        new = self.generate(self.prompt.question_ids(question, answer_prefix), **generate_kwargs)
+        new = self.generate(self.prompt.question_ids(question, answer_prefix), decode_method, **generate_kwargs)
         answers = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
         return answers if generate_kwargs.get("num_return_sequences", 1) > 1 else answers[0]
 
-    def ask_many(self, questions: list[str], answer_prefix: str = "", **generate_kwargs) -> list[str]:
+    def ask_many(self, questions: list[str], answer_prefix: str = "", decode_method: Method | None = None,
+                 **generate_kwargs) -> list[str]:
         """Answer each question on the same compressed context (restored exactly between questions)."""
-        return [self.ask(q, answer_prefix, **generate_kwargs) for q in questions]
+        return [self.ask(q, answer_prefix, decode_method, **generate_kwargs) for q in questions]
 
     def save(self, path: str | Path) -> None:
         """Write the cache, token ids and provenance to a safetensors file."""

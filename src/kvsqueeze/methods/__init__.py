@@ -7,9 +7,11 @@ from .adakv import AdaKV
 from .base import REGISTRY, Method, ScorerMethod, as_scorer
 from .critical_adakv import CriticalAdaKV
 from .criticalkv import CriticalKV
+from .decoding_budget import DecodingBudget
 from .dms import DMS
 from .duo_attention import DuoAttention
 from .expected_attention import ExpectedAttention
+from .h2o import H2O
 from .headkv import HeadKV
 from .keydiff import KeyDiff
 from .knorm import KNorm, l2_compress
@@ -17,14 +19,16 @@ from .observed_attention import MissingAttentionWeights, ObservedAttention
 from .pyramidkv import PyramidKV
 from .simlayerkv import SimLayerKV
 from .random import Random
+from .rolling_streaming_llm import RollingStreamingLLM
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 from .think import ThinK
 from .tova import TOVA
 
 
-__all__ = ["AdaKV", "CriticalAdaKV", "CriticalKV", "DMS", "DuoAttention", "ExpectedAttention", "HeadKV", "KeyDiff",
-           "KNorm", "ObservedAttention", "PyramidKV", "Random", "SimLayerKV", "SnapKV", "StreamingLLM", "ThinK", "TOVA"]
+__all__ = ["AdaKV", "CriticalAdaKV", "CriticalKV", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "H2O",
+           "HeadKV", "KeyDiff", "KNorm", "ObservedAttention", "PyramidKV", "Random", "RollingStreamingLLM", "SimLayerKV",
+           "SnapKV", "StreamingLLM", "ThinK", "TOVA"]
 
 
 class UnknownMethodError(KeyError):

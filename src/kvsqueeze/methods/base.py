@@ -45,6 +45,9 @@ class Method:
     def setup(self, model: torch.nn.Module) -> None:
         """Called once before the hooks are registered (load statistics, check the model...)."""
 
+    def before_forward(self, kwargs: dict) -> None:
+        """Sees (and may edit) the keyword arguments of every forward of the model while applied."""
+
     def acts_on(self, ctx: LayerContext) -> bool:
         """Whether this forward is one the method compresses."""
         prefill = ctx.n_new > 1 or ctx.layer.seen == ctx.n_new

@@ -1,0 +1,55 @@
+import torch
+
+from ..cache import layer_types
+from ..hooks import LayerContext, rotate_half
+from .base import Method
+
+
+class RollingStreamingLLM(Method):
+    """Keeps `n_sink` sink tokens and a rolling window of recent ones, with positions inside the cache.
+
+    Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024,
+    arXiv:2309.17453, as the paper runs it: whenever the cache reaches `window + interval` tokens it
+    drops back to the sinks and the last `window - n_sink` tokens, and the kept keys are re-rotated so
+    that positions are those in the cache, not in the text. Memory stays flat and generation can run
+    far past the model's trained window. Acts at prefill and at every decoding step.
+    """
+
+    name = "rolling_streaming_llm"
+    phase = "both"
+
+    def __init__(self, window: int = 1024, n_sink: int = 4, interval: int = 64):
+        if not 0 <= n_sink < window or interval <= 0:
+            raise ValueError(f"need 0 <= n_sink < window and interval > 0; got {n_sink}, {window}, {interval}")
+        self.window, self.n_sink, self.interval = window, n_sink, interval
+
+    def setup(self, model):
+        if any(kind != "full_attention" for kind in layer_types(model.config)):
+            raise ValueError("RollingStreamingLLM needs a model whose layers are all full attention")
+
+    def before_forward(self, kwargs):
+        cache = kwargs.get("past_key_values")
+        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if cache is not None and ids is not None:  # positions follow the cache, not the text
+            start = cache.get_seq_length()
+            kwargs["position_ids"] = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
+
+    def compress(self, ctx: LayerContext) -> None:
+        held = ctx.n_stored
+        if held < self.window + self.interval:
+            return
+        shift = held - self.window  # the recent tokens move this many positions back
+        keep = torch.zeros(ctx.keys.shape[:-1], dtype=torch.bool, device=ctx.keys.device)
+        keep[..., : self.n_sink] = True
+        keep[..., held - (self.window - self.n_sink):] = True
+        ctx.keep(keep)
+        cos, sin = (t[0].to(ctx.keys.dtype) for t in ctx.rotary_at(torch.tensor([shift])))
+        keys = ctx.layer.keys
+        rotary = cos.shape[-1]
+        recent = keys[:, :, self.n_sink:, :rotary]
+        rotated = recent * cos - rotate_half(recent) * sin  # rotate by -shift
+        keys = torch.cat([keys[:, :, : self.n_sink], torch.cat([rotated, keys[:, :, self.n_sink:, rotary:]], -1)], 2)
+        ctx.layer.restart_positions(keys)
+
+    def describe(self):
+        return {"window": self.window, "n_sink": self.n_sink, "interval": self.interval}
