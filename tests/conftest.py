@@ -65,6 +65,10 @@ def build_method(name: str, ratio: float, model):
         return cls(head_patterns=head_table(model), sparsity=ratio, sink_size=4, recent_size=8)
     if name == "headkv":
         return cls(ratio=ratio, head_scores=head_table(model))
+    if name in ("decoding_budget", "h2o"):
+        return cls(budget=10**6 if ratio == 0 else 64)
+    if name == "rolling_streaming_llm":
+        return cls(window=10**6 if ratio == 0 else 64, interval=8)
     return cls(ratio=ratio)
 
 

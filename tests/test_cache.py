@@ -23,8 +23,9 @@ def test_lengths_and_mask_sizes_after_eviction():
     mask[..., [0, 3, 9]] = True
     assert layer.keep(mask) is layer
     assert layer.get_seq_length() == 10 and layer.stored == 3
-    # three stored tokens all visible, the new query tokens causal among themselves: offset = seen - stored
-    assert layer.get_mask_sizes(4) == (7, 7)
+    # masks cover only the tokens that came after the compression (none yet) and the query: the three kept tokens
+    # are always visible, whatever transformers' mask says
+    assert layer.get_mask_sizes(4) == (4, 10) and layer.fresh == 0
     assert torch.equal(layer.keys, keys[:, :, [0, 3, 9]])
     assert torch.equal(layer.values, -keys[:, :, [0, 3, 9]])
     assert layer.nbytes() == 2 * 3 * 4 * 4 * 2 and layer.peak_bytes == 2 * 10 * 4 * 4 * 2

@@ -27,8 +27,27 @@ PREFIX = "kvsqueeze_"
 query_observers: dict[torch.nn.Module, Callable[[torch.Tensor], None]] = {}
 
 
-def layer_mask(mask: torch.Tensor | None, query: torch.Tensor, kv_len: int, base: str) -> torch.Tensor | None:
-    """The mask for a layer holding `kv_len - q_len` stored tokens, from the mask built for the first layer."""
+def allowed_columns(mask: torch.Tensor | None, fresh: int) -> torch.Tensor | None:
+    """Which of the layer's `fresh` most recent tokens each query may see, as a bool [batch, 1, q or 1, fresh].
+
+    Read from the mask transformers built (its last columns are the most recent tokens): bool (sdpa),
+    additive float (eager) or 2D padding (flash). None when there is no mask (no padding).
+    """
+    if mask is None:
+        return None
+    columns = mask[..., -fresh:]
+    if mask.dim() == 2:
+        return columns.bool()[:, None, None, :]
+    if columns.dtype != torch.bool:
+        return columns > torch.finfo(columns.dtype).min / 2
+    return columns
+
+
+def layer_mask(mask: torch.Tensor | None, query: torch.Tensor, kv_len: int, fresh: int, base: str):
+    """This layer's mask: its kept older tokens all visible, its `fresh` most recent ones as transformers masked them.
+
+    With nothing compressed (every stored token fresh) transformers' mask is returned untouched.
+    """
     q_len = query.shape[-2]
     if mask is None:
         if q_len == 1 or q_len == kv_len or base.startswith("flash"):
@@ -38,19 +57,20 @@ def layer_mask(mask: torch.Tensor | None, query: torch.Tensor, kv_len: int, base
             return torch.zeros(causal.shape, dtype=query.dtype, device=query.device).masked_fill(
                 ~causal, torch.finfo(query.dtype).min)
         return causal
-    if mask.shape[-1] == kv_len:
+    if fresh == kv_len and mask.shape[-1] == kv_len:
         return mask
     visible = torch.ones if mask.dtype == torch.bool or mask.dim() == 2 else torch.zeros
-    stored = visible(*mask.shape[:-1], kv_len - q_len, dtype=mask.dtype, device=mask.device)
-    return torch.cat([stored, mask[..., -q_len:]], dim=-1)
+    kept = visible(*mask.shape[:-1], kv_len - fresh, dtype=mask.dtype, device=mask.device)
+    return torch.cat([kept.expand(*mask.shape[:-1], -1), mask[..., -fresh:]], dim=-1)
 
 
-def ragged_attention(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
+def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of `query` [batch, heads, q, dim] over a RaggedLayer's pages and dense tail; [batch, q, heads, dim].
 
     Each KV head's segment is attended by the query heads of its group. Pages give batched matrix
     products; a segment's softmax is assembled from per-page maxima and sums (segment-wise softmax),
-    then merged with the tail's (where the new tokens are causal among themselves).
+    then merged with the tail's, where the new tokens are causal among themselves and `allowed`
+    ([batch, 1, q or 1, tail], from the model's mask) hides padding.
     """
     batch, n_heads, q_len, dim = query.shape
     segments = batch * layer.heads
@@ -63,7 +83,11 @@ def ragged_attention(layer, query: torch.Tensor, scaling: float) -> torch.Tensor
     new_token = torch.arange(rows, device=query.device) % q_len
     future = torch.arange(tail_len, device=query.device)[None, :] > (tail_len - q_len + new_token)[:, None]
     logits = logits.masked_fill(future, float("-inf"))
-    top = logits.amax(-1)  # [segments, rows]; finite: every row sees at least its own token
+    if allowed is not None:
+        group = n_heads // layer.heads
+        allowed = allowed[:, 0][:, None, None].expand(batch, layer.heads, group, q_len, tail_len)
+        logits = logits.masked_fill(~allowed.reshape(segments, rows, tail_len), float("-inf"))
+    top = logits.amax(-1)  # [segments, rows]; finite for real tokens, which see at least themselves
     weights = (logits - top[..., None]).exp()
     total = weights.sum(-1)
     out = torch.bmm(weights.to(tail_v.dtype), tail_v).float()
@@ -100,12 +124,17 @@ def make_attention(base: str) -> Callable:
         observer = query_observers.get(module)
         if observer is not None:
             observer(query)
-        ragged = getattr(key, "kvsqueeze_layer", None)
-        if ragged is not None:
+        layer = getattr(key, "kvsqueeze_layer", None)
+        if layer is None:  # not a kvsqueeze layer (a sliding window, another cache): the model's own attention
+            return base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
+        allowed = allowed_columns(attention_mask, layer.fresh)
+        layer.observe(None if allowed is None else allowed[:, 0, -1, :], query.shape[-2])
+        if hasattr(layer, "pages_k"):  # a ragged layer
             if kwargs.get("softcap") is not None:
                 raise NotImplementedError("attention softcapping is not supported on head-wise (ragged) layers")
-            return ragged_attention(ragged, query, kwargs.get("scaling") or query.shape[-1] ** -0.5), None
-        attention_mask = layer_mask(attention_mask, query, key.shape[-2], base)
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            return ragged_attention(layer, query, scaling, allowed), None
+        attention_mask = layer_mask(attention_mask, query, key.shape[-2], layer.fresh, base)
         return base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
 
     return attention

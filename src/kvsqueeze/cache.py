@@ -49,32 +49,93 @@ class MeasuredLayer:
         return torch.full((batch, heads), stored, dtype=torch.long)
 
 
-class EvictingLayer(MeasuredLayer, DynamicLayer):
+class CompressibleLayer(MeasuredLayer):
+    """What a layer that methods compress knows about its tokens, besides the tensors.
+
+    - `seen`: the logical length (tokens the model has seen, padding included);
+    - `fresh`: how many of the stored tokens arrived after the last compression. Their columns of the
+      mask transformers builds are exact (padding and causality); all older stored tokens are kept
+      context tokens, always visible;
+    - `fresh_valid` [batch, fresh]: which fresh tokens are real, not padding (None: all), as the attention
+      function reads it from the mask; `pads` [batch]: padding tokens seen per row.
+    Padding is never kept by a compression, so a row's logical length is `seen - pads`.
+    """
+
+    seen = 0
+    fresh_valid: torch.Tensor | None = None
+    pads: torch.Tensor | None = None
+
+    def observe(self, valid: torch.Tensor | None, n_new: int) -> None:
+        """The attention function's report: validity of the fresh tokens, the last `n_new` being this forward's."""
+        if valid is not None and bool(valid.all()):
+            valid = None
+        if valid is not None:
+            new_pads = (~valid[:, -n_new:]).sum(-1)
+            self.pads = new_pads if self.pads is None else self.pads + new_pads
+        self.fresh_valid = valid
+
+    def row_lengths(self, batch: int) -> torch.Tensor:
+        """Real tokens seen per batch row: [batch]."""
+        seen = torch.full((batch,), self.seen, dtype=torch.long)
+        return seen if self.pads is None else seen - self.pads.cpu()
+
+    def fresh_mask(self, batch: int, heads: int, device) -> torch.Tensor | None:
+        """[batch, heads, fresh] validity of the fresh tokens, or None when all are real."""
+        if self.fresh_valid is None:
+            return None
+        return self.fresh_valid[:, None, :].expand(batch, heads, -1).to(device)
+
+
+class EvictingLayer(CompressibleLayer, DynamicLayer):
     """Dense layer: every (batch row, KV head) keeps the same number of tokens, in their original order."""
 
     def __init__(self, **kwargs):
         super().__init__()
         self.seen = 0
+        self.fresh = 0
         # per-token values a method keeps about the stored tokens ([batch, heads, stored], e.g. H2O's accumulated
         # attention); gathered with the tokens on eviction. Replaced, never mutated, so forks stay independent.
         self.state: dict[str, torch.Tensor] = {}
 
     def update(self, key_states, value_states, *args, **kwargs):
         self.seen += key_states.shape[-2]
-        return super().update(key_states, value_states)
+        self.fresh += key_states.shape[-2]
+        keys, values = super().update(key_states, value_states)
+        keys.kvsqueeze_layer = self  # the attention function reads this layer's masks and padding
+        return keys, values
 
     def restart_positions(self, keys: torch.Tensor) -> None:
         """Store re-rotated `keys` whose positions are now 0..stored-1: the logical length becomes the stored one.
 
         For methods whose positions follow the cache rather than the text (rolling StreamingLLM).
         """
-        self.keys, self.seen = keys, keys.shape[-2]
+        self.keys, self.seen, self.fresh = keys, keys.shape[-2], 0
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.stored + query_length, self.seen - self.stored
+        return self.fresh + query_length, self.seen - self.fresh
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        if self.fresh_valid is not None:
+            self.fresh_valid = self.fresh_valid[index.to(self.fresh_valid.device)]
+        if self.pads is not None:
+            self.pads = self.pads[index.to(self.pads.device)]
+        self.state = {name: values[index.to(values.device)] for name, values in self.state.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        rows = self.keys.shape[0] if self.is_initialized and self.keys.numel() else 0
+        super().batch_repeat_interleave(repeats)
+        self._select_rows(torch.arange(rows).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._select_rows(indices)
 
     def keep(self, mask: torch.Tensor) -> MeasuredLayer:
         """Keep the tokens where `mask` ([batch, kv_heads, stored]) is True and free the others.
@@ -87,9 +148,8 @@ class EvictingLayer(MeasuredLayer, DynamicLayer):
         if not bool((counts == n_keep).all()):
             from .ragged import RaggedLayer
 
-            ragged = RaggedLayer.from_dense(self.keys, self.values, mask, self.seen)
-            ragged.peak_bytes = self.peak_bytes
-            return ragged
+            return RaggedLayer.from_dense(self.keys, self.values, mask, self.seen).inherit(self)
+        self.fresh, self.fresh_valid = 0, None  # padding is never kept: all stored tokens are real from now on
         if n_keep < self.stored:
             batch, heads, _ = mask.shape
             index = mask.nonzero()[:, -1].view(batch, heads, n_keep)
@@ -104,21 +164,26 @@ class EvictingLayer(MeasuredLayer, DynamicLayer):
         """Keep only `channels` [batch, kv_heads, kept_dim] of the keys: returns the (ragged) layer holding them."""
         from .ragged import RaggedLayer
 
+        real = self.fresh_mask(*self.keys.shape[:2], self.keys.device)
         mask = torch.ones(self.keys.shape[:-1], dtype=torch.bool, device=self.keys.device)
-        pruned = RaggedLayer.from_dense(self.keys, self.values, mask, self.seen, key_channels=channels)
-        pruned.peak_bytes = self.peak_bytes
-        return pruned
+        if real is not None:
+            mask[..., -self.fresh:] = real
+        return RaggedLayer.from_dense(self.keys, self.values, mask, self.seen, key_channels=channels).inherit(self)
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError("crop takes the negative number of tokens to remove")
-        removable = min(-tokens_to_remove, self.stored)
+        removable = min(-tokens_to_remove, self.fresh)
         super().crop(-removable)
         self.seen -= removable
+        self.fresh -= removable
+        if self.fresh_valid is not None:
+            self.fresh_valid = self.fresh_valid[:, : self.fresh]
 
     def reset(self) -> None:
         super().reset()
-        self.seen = 0
+        self.seen = self.fresh = 0
+        self.fresh_valid = self.pads = None
 
 
 class SlidingWindowLayer(MeasuredLayer, DynamicSlidingWindowLayer):
@@ -162,6 +227,18 @@ class SqueezeCache(Cache):
             super().__init__(layer_class_to_replicate=EvictingLayer)
         else:
             super().__init__(layers=layers)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        """Masks cover the most recent tokens, as many as the layer with the most fresh tokens holds.
+
+        transformers builds one mask per forward from these sizes; every compressible layer reads the
+        columns of its own fresh tokens from its end (see `attention.py`), so it must be wide enough for all.
+        """
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if not isinstance(layer, CompressibleLayer):
+            return super().get_mask_sizes(query_length, layer_idx)
+        widest = max(other.fresh for other in self.layers if isinstance(other, CompressibleLayer))
+        return widest + query_length, layer.seen - widest
 
     def keep(self, layer_idx: int, mask: torch.Tensor) -> None:
         """Layer `layer_idx` keeps the tokens where `mask` is True: densely if every head keeps as many, else ragged."""

@@ -91,14 +91,19 @@ class LayerContext:
         return compressible.index(self.layer_idx), len(compressible)
 
     def stored(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(keys, values, real) of what the layer holds now. A ragged layer is shown padded to its longest head,
-        `real` marking its real tokens; a dense layer has no padding (`real` is None)."""
+        """(keys, values, real) of what the layer holds now; `real` [batch, kv_heads, stored] marks real tokens
+        (None: all are). A ragged layer is shown padded to its longest head; a batch of contexts of different
+        lengths holds left padding until its first compression."""
         layer = self.layer
-        if not isinstance(layer, RaggedLayer):
+        if isinstance(layer, RaggedLayer):
+            if self._view is None or self._view[0] is not layer:  # a ragged layer is replaced, never edited
+                self._view = (layer, layer.dense_view())
+            return self._view[1]
+        fresh = layer.fresh_mask(*layer.keys.shape[:2], layer.keys.device)
+        if fresh is None:
             return layer.keys, layer.values, None
-        if self._view is None or self._view[0] is not layer:  # a ragged layer is replaced, never edited
-            self._view = (layer, layer.dense_view())
-        return self._view[1]
+        kept = torch.ones(*fresh.shape[:2], layer.stored - layer.fresh, dtype=torch.bool, device=fresh.device)
+        return layer.keys, layer.values, torch.cat([kept, fresh], dim=-1)
 
     @property
     def keys(self) -> torch.Tensor:
@@ -118,8 +123,21 @@ class LayerContext:
 
     @property
     def seen(self) -> torch.Tensor:
-        """Tokens the layer has seen (its logical length), per batch row: [batch]."""
-        return torch.full((self.keys.shape[0],), self.layer.seen, dtype=torch.long)
+        """Real tokens the layer has seen (its logical length, padding left out), per batch row: [batch]."""
+        return self.layer.row_lengths(self.keys.shape[0])
+
+    @property
+    def rank(self) -> torch.Tensor:
+        """Position of each stored token among the real ones of its (row, head), 0 for the oldest kept; padding -1."""
+        if self.real is None:
+            return torch.arange(self.n_stored, device=self.keys.device).expand(self.keys.shape[:3])
+        return torch.where(self.real, self.real.long().cumsum(-1) - 1, -1)
+
+    @property
+    def new_real(self) -> torch.Tensor | None:
+        """[batch, new]: which of this forward's tokens are real (None: all), e.g. to leave padding queries out."""
+        valid = self.layer.fresh_valid
+        return None if valid is None else valid[:, -self.n_new:]
 
     @property
     def held(self) -> torch.Tensor:

@@ -14,7 +14,7 @@ import math
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .cache import MeasuredLayer
+from .cache import CompressibleLayer
 
 
 def page_size_for(mean_tokens: float) -> int:
@@ -22,7 +22,7 @@ def page_size_for(mean_tokens: float) -> int:
     return int(min(128, max(16, 2 ** round(math.log2(max(mean_tokens, 1) / 64)))))
 
 
-class RaggedLayer(MeasuredLayer, CacheLayerMixin):
+class RaggedLayer(CompressibleLayer, CacheLayerMixin):
     """Per-head budgets that save real memory: packed pages per (batch row, KV head), plus a dense tail."""
 
     is_sliding = False
@@ -31,6 +31,15 @@ class RaggedLayer(MeasuredLayer, CacheLayerMixin):
     def __init__(self, **kwargs):
         super().__init__()
         self.seen = 0
+
+    def inherit(self, previous: CompressibleLayer) -> "RaggedLayer":
+        """Carry over what the layer this one replaces knew: its largest size and the padding it saw."""
+        self.peak_bytes, self.pads = previous.peak_bytes, previous.pads
+        return self
+
+    @property
+    def fresh(self) -> int:
+        return self.tail_k.shape[-2]
 
     @classmethod
     def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, seen: int,
@@ -93,12 +102,11 @@ class RaggedLayer(MeasuredLayer, CacheLayerMixin):
 
     @property
     def stored(self) -> int:
-        """The longest segment plus the tail: the size transformers sizes its mask from (see get_mask_sizes)."""
+        """The longest segment plus the tail."""
         return int(self.lengths.max()) + self.tail_k.shape[-2]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # Only the mask's last `query_length` columns (the new tokens) are read by any layer
-        return self.stored + query_length, self.seen - self.stored
+        return self.fresh + query_length, self.seen - self.fresh
 
     def get_max_length(self) -> int:
         return -1
@@ -146,7 +154,9 @@ class RaggedLayer(MeasuredLayer, CacheLayerMixin):
         real = torch.arange(longest, device=keys.device)[None, :] < self.lengths.flatten()[:, None]
         keys = torch.cat([keys.view(batch, heads, longest, self.tail_k.shape[-1]), self.tail_k], dim=2)
         values = torch.cat([values.view(batch, heads, longest, self.tail_v.shape[-1]), self.tail_v], dim=2)
-        real = torch.cat([real.view(batch, heads, longest), real.new_ones(batch, heads, tail)], dim=2)
+        tail_real = self.fresh_mask(batch, heads, real.device)
+        tail_real = real.new_ones(batch, heads, tail) if tail_real is None else tail_real
+        real = torch.cat([real.view(batch, heads, longest), tail_real], dim=2)
         return keys, values, real
 
     def _pages_per_segment(self) -> torch.Tensor:
@@ -158,25 +168,21 @@ class RaggedLayer(MeasuredLayer, CacheLayerMixin):
     def keep(self, mask: torch.Tensor) -> "RaggedLayer":
         """Keep the tokens of `dense_view()` where `mask` is True (padding is never kept)."""
         keys, values, real = self.dense_view()
-        kept = RaggedLayer.from_dense(keys, values, mask & real, self.seen, key_channels=self.channels())
-        kept.peak_bytes = self.peak_bytes
-        return kept
+        return RaggedLayer.from_dense(keys, values, mask & real, self.seen, key_channels=self.channels()).inherit(self)
 
     def prune_key_channels(self, channels: torch.Tensor) -> "RaggedLayer":
         """Keep only `channels` [batch, heads, kept_dim] of the stored keys."""
         keys, values, real = self.dense_view()
-        pruned = RaggedLayer.from_dense(keys, values, real, self.seen, self.page_size, key_channels=channels)
-        pruned.peak_bytes = self.peak_bytes
-        return pruned
+        return RaggedLayer.from_dense(keys, values, real, self.seen, self.page_size, key_channels=channels).inherit(self)
 
     def _rebuild(self, batch_index: torch.Tensor) -> None:
         keys, values, real = self.dense_view()
         channels = self.channels()
         rebuilt = RaggedLayer.from_dense(keys[batch_index], values[batch_index], real[batch_index], self.seen,
                                          self.page_size, None if channels is None else channels[batch_index])
-        peak = self.peak_bytes
+        rebuilt.peak_bytes = self.peak_bytes
+        rebuilt.pads = None if self.pads is None else self.pads[batch_index]
         self.__dict__.update(rebuilt.__dict__)
-        self.peak_bytes = peak
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._rebuild(beam_idx.to(self.pages_k.device))
@@ -193,3 +199,5 @@ class RaggedLayer(MeasuredLayer, CacheLayerMixin):
         if tokens_to_remove:
             self.tail_k, self.tail_v = self.tail_k[..., :tokens_to_remove, :], self.tail_v[..., :tokens_to_remove, :]
             self.seen += tokens_to_remove
+            if self.fresh_valid is not None:
+                self.fresh_valid = self.fresh_valid[:, :tokens_to_remove]

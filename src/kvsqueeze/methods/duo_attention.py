@@ -41,13 +41,12 @@ class DuoAttention(Method):
 
     def compress(self, ctx: LayerContext) -> None:
         streaming = self.streaming[ctx.layer_idx].to(ctx.keys.device)
-        n = ctx.n_stored
-        if not bool(streaming.any()) or n <= self.sink_size + self.recent_size:
+        if not bool(streaming.any()) or int(ctx.held.min()) <= self.sink_size + self.recent_size:
             return
-        position = torch.arange(n, device=ctx.keys.device)
-        window = (position < self.sink_size) | (position >= n - self.recent_size)
-        keep = ~streaming[None, :, None] | window[None, None, :]
-        ctx.keep(keep.expand(ctx.keys.shape[:-1]))
+        rank = ctx.rank
+        window = (rank < self.sink_size) | (rank >= ctx.held[..., None] - self.recent_size)
+        keep = (~streaming[None, :, None] | window) & (rank >= 0)
+        ctx.keep(keep)
 
     def describe(self):
         return {"head_patterns": str(self.head_patterns)[:80], "sparsity": self.sparsity,

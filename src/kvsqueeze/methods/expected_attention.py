@@ -38,26 +38,32 @@ class ExpectedAttention(ScorerMethod):
         self.use_covariance, self.use_vnorm, self.epsilon = use_covariance, use_vnorm, epsilon
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        n_sink = min(self.n_sink, ctx.n_stored - 1)
+        rank = ctx.rank
+        n_sink = min(self.n_sink, int(ctx.held.min()) - 1)
+        sink = (rank >= 0) & (rank < n_sink)
+        # statistics of the real queries of this forward, the sinks left out
         queries = ctx.pre_rope_queries.float()
-        queries = queries[:, :, n_sink:] if queries.shape[2] > n_sink else queries
-        mean = queries.mean(dim=2)  # [batch, heads, d]
+        weight = (rank[:, 0, -ctx.n_new:] >= n_sink).float()  # [batch, new]
+        if ctx.new_real is not None:
+            weight = weight * ctx.new_real.float()
+        weight = weight[:, None, :, None] / weight.sum(-1).clamp(min=1)[:, None, None, None]
+        mean = (queries * weight).sum(2)  # [batch, heads, d]
         future = torch.arange(ctx.layer.seen, ctx.layer.seen + self.n_future_positions)
         cos, sin = (t[0].float() for t in ctx.rotary_at(future))
         rotation = mean_rotation(cos, sin, ctx.head_dim)
-        mean = mean @ rotation.T
 
-        keys = ctx.keys[:, :, n_sink:].float().repeat_interleave(ctx.group_size, dim=1)
-        logits = torch.einsum("bhd,bhnd->bhn", mean, keys) * ctx.scaling
+        keys = ctx.keys.float().repeat_interleave(ctx.group_size, dim=1)
+        logits = torch.einsum("bhd,bhnd->bhn", mean @ rotation.T, keys) * ctx.scaling
         if self.use_covariance:
-            centred = queries - queries.mean(dim=2, keepdim=True)
-            covariance = centred.transpose(-1, -2) @ centred / centred.shape[2]
-            covariance = rotation @ covariance @ rotation.T
+            centred = (queries - mean[:, :, None]) * weight.sqrt()
+            covariance = rotation @ (centred.transpose(-1, -2) @ centred) @ rotation.T
             logits += 0.5 * ctx.scaling ** 2 * ((keys @ covariance) * keys).sum(-1)
+        hidden = sink if ctx.real is None else sink | ~ctx.real  # the softmax is over the other tokens
+        logits = logits.masked_fill(hidden.repeat_interleave(ctx.group_size, dim=1), float("-inf"))
         scores = ctx.per_kv_head(logits.softmax(dim=-1))
         if self.use_vnorm:
-            scores = (scores + self.epsilon) * ctx.values[:, :, n_sink:].float().norm(dim=-1)
-        return F.pad(scores, (n_sink, 0), value=float("inf"))
+            scores = (scores + self.epsilon) * ctx.values.float().norm(dim=-1)
+        return scores.masked_fill(sink, float("inf"))
 
     def settings(self):
         return {"n_future_positions": self.n_future_positions, "n_sink": self.n_sink,

@@ -23,7 +23,10 @@ def accumulated_attention(ctx: LayerContext, chunk: int = 256) -> torch.Tensor:
         if ctx.real is not None:
             real = ctx.real.repeat_interleave(ctx.group_size, dim=1)[:, :, None, :]
             logits = logits.masked_fill(~real, float("-inf"))
-        total += logits.softmax(-1).sum(2)
+        weights = logits.softmax(-1).nan_to_num(0.0)  # a padding query sees nothing: no weights
+        if ctx.new_real is not None:
+            weights = weights * ctx.new_real[:, None, start:start + block.shape[2], None]
+        total += weights.sum(2)
     return ctx.per_kv_head(total)
 
 
@@ -55,8 +58,7 @@ class H2O(Method):
         if int(ctx.held.max()) <= self.target:
             return
         recent = int(self.target * self.recent_ratio)
-        scores = fresh.masked_fill(torch.arange(ctx.n_stored, device=fresh.device) >= ctx.n_stored - recent,
-                                   float("inf"))
+        scores = fresh.masked_fill(ctx.rank >= ctx.held[..., None] - recent, float("inf"))
         ctx.keep(top_k_per_head(scores, ctx.held.clamp(max=self.target)))
 
     def describe(self):

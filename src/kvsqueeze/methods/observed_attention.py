@@ -26,6 +26,8 @@ class ObservedAttention(ScorerMethod):
                 "ObservedAttention needs the attention weights, which only eager attention returns: load the "
                 "model with attn_implementation='eager' (or model.set_attn_implementation('eager'))")
         weights = ctx.attention_weights.float()  # [batch, heads, new, stored]
+        if ctx.new_real is not None:  # padding queries attend to nothing real
+            weights = weights * ctx.new_real[:, None, :, None]
         stored, new = weights.shape[-1], weights.shape[-2]
         seen_by = torch.arange(stored, device=weights.device)
         seen_by = (new - (seen_by - (stored - new)).clamp(min=0)).float()

@@ -28,6 +28,9 @@ class RollingStreamingLLM(Method):
             raise ValueError("RollingStreamingLLM needs a model whose layers are all full attention")
 
     def before_forward(self, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
+            raise ValueError("RollingStreamingLLM does not run on padded batches: generate each row on its own")
         cache = kwargs.get("past_key_values")
         ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if cache is not None and ids is not None:  # positions follow the cache, not the text

@@ -20,17 +20,14 @@ class SimLayerKV(Method):
         self.lazy_threshold, self.n_initial, self.n_recent = lazy_threshold, n_initial, n_recent
 
     def compress(self, ctx: LayerContext) -> None:
-        n = ctx.n_stored
-        if n <= self.n_initial + self.n_recent or ctx.real is not None:
+        if int(ctx.held.min()) <= self.n_initial + self.n_recent:
             return
+        rank = ctx.rank
+        edges = (rank >= 0) & ((rank < self.n_initial) | (rank >= ctx.held[..., None] - self.n_recent))
         attention = ctx.last_queries_attention(1)[:, :, 0]  # [batch, heads, n]
-        edges = attention[..., : self.n_initial].sum(-1) + attention[..., -self.n_recent:].sum(-1)
-        if edges.mean().item() <= self.lazy_threshold:
-            return
-        keep = torch.zeros(ctx.keys.shape[:-1], dtype=torch.bool, device=ctx.keys.device)
-        keep[..., : self.n_initial] = True
-        keep[..., -self.n_recent:] = True
-        ctx.keep(keep)
+        on_edges = (attention * edges.repeat_interleave(ctx.group_size, dim=1)).sum(-1)
+        if on_edges.mean().item() > self.lazy_threshold:
+            ctx.keep(edges)
 
     def describe(self):
         return {"lazy_threshold": self.lazy_threshold, "n_initial": self.n_initial, "n_recent": self.n_recent}

@@ -18,10 +18,8 @@ class StreamingLLM(ScorerMethod):
         self.n_sink = n_sink
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        batch, heads, stored, _ = ctx.keys.shape
-        recency = torch.arange(stored, dtype=torch.float32, device=ctx.keys.device)
-        recency[: self.n_sink] = float(stored)  # sinks outrank every recent token
-        return recency.expand(batch, heads, stored)
+        rank = ctx.rank  # position among the real tokens: left padding of a batch does not count
+        return rank.float().masked_fill((rank >= 0) & (rank < self.n_sink), float(ctx.n_stored))
 
     def settings(self):
         return {"n_sink": self.n_sink}
