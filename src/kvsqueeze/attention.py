@@ -87,7 +87,7 @@ def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.
         group = n_heads // layer.heads
         allowed = allowed[:, 0][:, None, None].expand(batch, layer.heads, group, q_len, tail_len)
         logits = logits.masked_fill(~allowed.reshape(segments, rows, tail_len), float("-inf"))
-    top = logits.amax(-1)  # [segments, rows]; finite for real tokens, which see at least themselves
+    top = logits.amax(-1).clamp(min=torch.finfo(logits.dtype).min)  # a padding query may see nothing at all
     weights = (logits - top[..., None]).exp()
     total = weights.sum(-1)
     out = torch.bmm(weights.to(tail_v.dtype), tail_v).float()
@@ -108,7 +108,7 @@ def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.
         total = total * rescale + torch.zeros_like(total).index_add_(0, segment, page_weights.sum(-1))
         out = out * rescale[..., None] + torch.zeros_like(out).index_add_(0, segment, page_out)
 
-    out = (out / total[..., None]).to(query.dtype)
+    out = (out / total.clamp(min=torch.finfo(total.dtype).tiny)[..., None]).to(query.dtype)  # nothing visible: 0
     return out.view(batch, n_heads, q_len, -1).transpose(1, 2).contiguous()
 
 

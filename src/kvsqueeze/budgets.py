@@ -138,7 +138,8 @@ class HeadAdaptive(Budget):
     def adaptive_counts(self, scores: torch.Tensor, k: int) -> torch.Tensor:
         """AdaKV's per-head counts for one per-head budget k, for every batch row."""
         batch, heads, n = scores.shape
-        top = scores.reshape(batch, heads * n).topk(heads * k, dim=-1).indices
+        # stable: ties (e.g. windows scored +inf) break by head then position, however the row is padded
+        top = scores.reshape(batch, heads * n).argsort(dim=-1, descending=True, stable=True)[:, :heads * k]
         chosen = torch.zeros(batch, heads, device=scores.device).scatter_add_(
             1, top // n, torch.ones(top.shape, device=scores.device))
         floor_share = math.floor(self.alpha * k)
@@ -147,7 +148,11 @@ class HeadAdaptive(Budget):
         return (floor_share + largest_remainder(shares, total)).clamp(max=n)
 
     def head_counts(self, scores, seen, layer_idx=0, n_layers=1):
-        rows = [self.adaptive_counts(scores[b:b + 1], min(self.n_keep(int(n)), scores.shape[-1]))
+        # each row's tokens (padding, scored -inf, left out) packed to the left: ranked as they would be alone
+        real = scores > float("-inf")
+        packed = scores.gather(-1, (~real).long().argsort(dim=-1, stable=True))
+        held = real.sum(-1).amax(-1).clamp(min=1).tolist()
+        rows = [self.adaptive_counts(packed[b:b + 1, :, :held[b]], min(self.n_keep(int(n)), held[b]))
                 for b, n in enumerate(seen)]
         return torch.cat(rows)
 

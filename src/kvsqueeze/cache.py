@@ -16,14 +16,20 @@ which is how a compressed context is restored exactly between questions.
 from __future__ import annotations
 
 import copy
+from typing import ClassVar
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 
 class MeasuredLayer:
-    """What every kvsqueeze layer reports about the memory it really holds, now and at its largest."""
+    """What every kvsqueeze layer reports about the memory it really holds, now and at its largest, and how it is
+    saved: `saved_tensors` and `saved_numbers` name the attributes a saved context stores (None tensors are left
+    out), `kind` names the layer class in the file."""
 
+    kind: ClassVar[str] = ""
+    saved_tensors: ClassVar[tuple[str, ...]] = ("keys", "values")
+    saved_numbers: ClassVar[tuple[str, ...]] = ("peak_bytes",)
     peak_bytes = 0
 
     @property
@@ -40,6 +46,32 @@ class MeasuredLayer:
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         self.peak_bytes = max(self.peak_bytes, self.nbytes())
         return keys, values
+
+    def to_saved(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, numbers) to write in a saved context."""
+        tensors = {name: getattr(self, name) for name in self.saved_tensors if getattr(self, name, None) is not None}
+        if tensors.get("keys") is not None and tensors["keys"].numel() == 0:
+            del tensors["keys"], tensors["values"]
+        return tensors, {name: getattr(self, name) for name in self.saved_numbers}
+
+    @classmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor], numbers: dict) -> "MeasuredLayer":
+        """The layer `to_saved` described; raises ValueError when the parts do not fit together."""
+        layer = cls(**numbers)
+        for name in cls.saved_numbers:
+            setattr(layer, name, numbers[name])
+        if "keys" in tensors:
+            layer.lazy_initialization(tensors["keys"], tensors["values"])
+        for name in cls.saved_tensors:
+            setattr(layer, name, tensors.get(name))
+        layer.check()
+        return layer
+
+    def check(self) -> None:
+        keys, values = self.keys, self.values
+        if keys is not None and keys.numel():
+            if values is None or keys.dim() != 4 or keys.shape[:-1] != values.shape[:-1]:
+                raise ValueError("keys and values do not match")
 
     def kept_per_head(self) -> torch.Tensor:
         """Tokens held per (batch row, KV head)."""
@@ -65,6 +97,16 @@ class CompressibleLayer(MeasuredLayer):
     fresh_valid: torch.Tensor | None = None
     pads: torch.Tensor | None = None
 
+    def check(self) -> None:
+        super().check()
+        batch, heads = self.kept_per_head().shape
+        if self.fresh_valid is not None and tuple(self.fresh_valid.shape) != (batch, self.fresh):
+            raise ValueError("the padding mask does not match the stored tokens")
+        if self.pads is not None and tuple(self.pads.shape) != (batch,):
+            raise ValueError("the padding counts do not match the batch")
+        if not 0 <= self.fresh <= self.stored or self.stored > self.seen:
+            raise ValueError(f"inconsistent lengths: {self.stored} stored, {self.fresh} fresh, {self.seen} seen")
+
     def observe(self, valid: torch.Tensor | None, n_new: int) -> None:
         """The attention function's report: validity of the fresh tokens, the last `n_new` being this forward's."""
         if valid is not None and bool(valid.all()):
@@ -73,6 +115,14 @@ class CompressibleLayer(MeasuredLayer):
             new_pads = (~valid[:, -n_new:]).sum(-1)
             self.pads = new_pads if self.pads is None else self.pads + new_pads
         self.fresh_valid = valid
+
+    def padding_held(self) -> torch.Tensor | int:
+        """Padding tokens stored per batch row, [batch, 1] (0 when none)."""
+        return 0 if self.fresh_valid is None else (~self.fresh_valid).sum(-1, keepdim=True).cpu()
+
+    def kept_per_head(self) -> torch.Tensor:
+        """Real tokens held per (batch row, KV head): stored padding does not count."""
+        return super().kept_per_head() - self.padding_held()
 
     def row_lengths(self, batch: int) -> torch.Tensor:
         """Real tokens seen per batch row: [batch]."""
@@ -89,6 +139,10 @@ class CompressibleLayer(MeasuredLayer):
 class EvictingLayer(CompressibleLayer, DynamicLayer):
     """Dense layer: every (batch row, KV head) keeps the same number of tokens, in their original order."""
 
+    kind = "evicting"
+    saved_tensors = ("keys", "values", "fresh_valid", "pads")
+    saved_numbers = ("peak_bytes", "seen", "fresh")
+
     def __init__(self, **kwargs):
         super().__init__()
         self.seen = 0
@@ -103,6 +157,16 @@ class EvictingLayer(CompressibleLayer, DynamicLayer):
         keys, values = super().update(key_states, value_states)
         keys.kvsqueeze_layer = self  # the attention function reads this layer's masks and padding
         return keys, values
+
+    def to_saved(self):
+        tensors, numbers = super().to_saved()
+        return tensors | {f"state.{name}": values for name, values in self.state.items()}, numbers
+
+    @classmethod
+    def from_saved(cls, tensors, numbers):
+        layer = super().from_saved(tensors, numbers)
+        layer.state = {name[len("state."):]: values for name, values in tensors.items() if name.startswith("state.")}
+        return layer
 
     def restart_positions(self, keys: torch.Tensor) -> None:
         """Store re-rotated `keys` whose positions are now 0..stored-1: the logical length becomes the stored one.
@@ -188,6 +252,9 @@ class EvictingLayer(CompressibleLayer, DynamicLayer):
 
 class SlidingWindowLayer(MeasuredLayer, DynamicSlidingWindowLayer):
     """The model's own sliding-window layer. It is already bounded by its window, so methods leave it alone."""
+
+    kind = "sliding"
+    saved_numbers = ("peak_bytes", "sliding_window", "cumulative_length")
 
 
 LAYER_TYPES = {"full_attention": EvictingLayer, "sliding_attention": SlidingWindowLayer,

@@ -72,8 +72,13 @@ class LayerContext:
     def layer(self) -> EvictingLayer:
         return self.cache.layers[self.layer_idx]
 
-    def keep(self, mask: torch.Tensor) -> None:
-        """Keep the stored tokens where `mask` [batch, kv_heads, stored] is True; the cache frees the others."""
+    def keep(self, mask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Keep the stored tokens where `mask` [batch, kv_heads, stored] is True; the cache frees the others.
+
+        With `rows` [batch], only those rows change; the others keep all their real tokens."""
+        if rows is not None and not bool(rows.all()):
+            unchanged = torch.ones_like(mask) if self.real is None else self.real
+            mask = torch.where(rows.to(mask.device)[:, None, None], mask, unchanged)
         self.cache.keep(self.layer_idx, mask)
 
     def prune_key_channels(self, channels: torch.Tensor) -> None:

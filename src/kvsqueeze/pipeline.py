@@ -19,8 +19,10 @@ from .cache import EvictingLayer, SlidingWindowLayer, SqueezeCache
 from .hooks import attention_modules
 from .methods import Method
 from .prompt import Prompt
+from .ragged import RaggedLayer
 
-FORMAT = "kvsqueeze-context/1"
+FORMAT = "kvsqueeze-context/2"
+LAYER_KINDS = {kind.kind: kind for kind in (EvictingLayer, SlidingWindowLayer, RaggedLayer)}
 
 
 class ContextTooLongError(ValueError):
@@ -39,8 +41,8 @@ class CorruptContextError(ValueError):
 class CompressionStats:
     """What compression did, measured from the cache's tensors."""
 
-    context_tokens: int
-    kept_per_layer_head: list[list[int]]  # tokens held per layer and KV head (first batch row)
+    context_tokens: int  # real tokens, summed over the rows of a batch
+    kept_per_layer_head: list[list[int]]  # tokens held per layer and KV head, summed over the rows of a batch
     bytes_held: int  # bytes held by the cache's tensors after compression
     bytes_uncompressed: int  # bytes the cache held before compression (the most each layer held)
     seconds: float  # prefill + compression, wall clock
@@ -93,71 +95,135 @@ def chunks(n_tokens: int, chunk_size: int | None) -> list[slice]:
     return [slice(a, b) for a, b in zip(starts, starts[1:] + [n_tokens])]
 
 
-def prefill(model, ids: torch.Tensor, cache: SqueezeCache, method: Method | None, chunk_size: int | None = None,
-            progress: bool = False) -> None:
+def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows of different lengths as one [batch, longest] tensor padded on the left, and its attention mask."""
+    longest = max(len(row) for row in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row):
+            ids[i, -len(row):], mask[i, -len(row):] = row, 1
+    return ids, mask
+
+
+def pack(rows: list[torch.Tensor], chunk_size: int | None, pad_id: int, aligned: bool = True
+         ) -> tuple[torch.Tensor, torch.Tensor | None, list[slice]]:
+    """Lay out a batch of contexts for prefill: (ids [batch, width], attention mask or None, one span per forward).
+
+    `aligned`: each row is cut into the chunks it would get alone; the j-th chunks of all rows are
+    left-padded to a common width, and rows with fewer chunks start later. Every row thus goes through
+    exactly the forwards and compressions it would go through alone, padding aside. Otherwise the
+    rows are left-padded as a whole and the chunks cut across them (padding only at the start).
+    """
+    if not aligned:
+        ids, mask = left_pad(rows, pad_id)
+        return ids, None if bool(mask.all()) else mask, chunks(ids.shape[1], chunk_size)
+    per_row = [chunks(len(row), chunk_size) for row in rows]
+    steps = max(len(parts) for parts in per_row)
+    per_row = [[slice(0, 0)] * (steps - len(parts)) + parts for parts in per_row]
+    pieces = [left_pad([row[parts[j]] for row, parts in zip(rows, per_row)], pad_id) for j in range(steps)]
+    ids, mask = torch.cat([p[0] for p in pieces], 1), torch.cat([p[1] for p in pieces], 1)
+    ends = torch.tensor([p[0].shape[1] for p in pieces]).cumsum(0).tolist()
+    return ids, None if bool(mask.all()) else mask, [slice(a, b) for a, b in zip([0] + ends[:-1], ends)]
+
+
+def pad_id(model, tokenizer) -> int:
+    for source in (tokenizer, model.generation_config, model.config.get_text_config()):
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(source, name, None)
+            value = value[0] if isinstance(value, list) and value else value
+            if isinstance(value, int):
+                return value
+    return 0
+
+
+def prefill(model, ids: torch.Tensor, cache: SqueezeCache, method: Method | None, spans: list[slice] | None = None,
+            progress: bool = False, attention_mask: torch.Tensor | None = None) -> None:
     """Run the context through the model, filling `cache`; `method` compresses it layer by layer.
 
-    With `chunk_size`, the context goes in chunks and the method compresses the running cache after each,
-    so the cache never holds more than the method's budget plus one chunk.
+    With several `spans` (chunks, see `pack`), the context goes one span per forward and the method
+    compresses the running cache after each, so the cache never holds more than the method's budget
+    plus one chunk. `attention_mask` marks padding: positions count real tokens only, and padding is
+    never attended or kept.
     """
-    parts = chunks(ids.shape[1], chunk_size)
-    if len(parts) > 1 and method is not None and method.needs_whole_context:
+    spans = spans or [slice(0, ids.shape[1])]
+    if len(spans) > 1 and method is not None and method.needs_whole_context:
         raise ValueError(f"{type(method).__name__} decides once from the whole context and cannot compress "
                          "chunk by chunk: use it without chunk_size")
     attention.install(model)
     base = model.base_model  # the decoder without the LM head: no logits are needed for the context
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(model.device)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad(), (method.apply(model) if method is not None else nullcontext()):
-        for part in tqdm(parts, desc="prefill", disable=not progress or len(parts) == 1):
-            base(input_ids=ids[:, part].to(model.device), past_key_values=cache, use_cache=True)
+        for span in tqdm(spans, desc="prefill", disable=not progress or len(spans) == 1):
+            padding = {} if attention_mask is None else {"attention_mask": attention_mask[:, :span.stop],
+                                                         "position_ids": positions[:, span]}
+            base(input_ids=ids[:, span].to(model.device), past_key_values=cache, use_cache=True, **padding)
 
 
-def compress(model, tokenizer, context: str | torch.Tensor, method: Method | None = None, *,
+def compress(model, tokenizer, context: str | torch.Tensor | list, method: Method | None = None, *,
              chunk_size: int | None = None, chat_template: bool = True, check_window: bool = True,
              progress: bool = False) -> "CompressedContext":
     """Prefill `context` and compress its cache with `method` (None keeps everything).
 
     `context` is text (placed in the user turn of the chat template, when the tokenizer has one) or
-    token ids [1, n] used as they are. `chunk_size` prefills in chunks, compressing after each (peak
-    memory bounded by the budget plus one chunk). `check_window=False` allows contexts longer than the
-    model's window (for memory measurements: the model was not trained on such positions).
+    token ids [1, n] used as they are; a list of them is a batch, compressed at once (left-padded: each
+    row gets what compressing it alone gives). `chunk_size` prefills in chunks, compressing after each
+    (peak memory bounded by the budget plus one chunk). `check_window=False` allows contexts longer than
+    the model's window (for memory measurements: the model was not trained on such positions).
     """
     if not isinstance(model, PreTrainedModel):
         raise attention.UnsupportedModelError(f"kvsqueeze compresses transformers models; got {type(model).__name__}")
     attention_modules(model)  # raises if nothing can be hooked
     prompt = Prompt.for_tokenizer(tokenizer, chat_template) if tokenizer is not None else None
-    if isinstance(context, str):
-        if prompt is None:
-            raise ValueError("a text context needs a tokenizer")
-        ids = prompt.context_ids(context)
-    else:
-        ids = torch.as_tensor(context).reshape(1, -1)
-    if ids.shape[1] == 0:
-        raise ValueError("the context is empty")
+    contexts = list(context) if isinstance(context, (list, tuple)) else [context]
+    if not contexts:
+        raise ValueError("no context to compress: the list is empty")
+    rows = []
+    for text in contexts:
+        if isinstance(text, str):
+            if prompt is None:
+                raise ValueError("a text context needs a tokenizer")
+            rows.append(prompt.context_ids(text).reshape(-1))
+        else:
+            rows.append(torch.as_tensor(text).reshape(-1))
+        if len(rows[-1]) == 0:
+            raise ValueError("the context is empty")
     if check_window:
-        check_fits(model, ids.shape[1])
+        check_fits(model, max(len(row) for row in rows))
     cache = SqueezeCache(model.config)
+    # sliding windows count positions, padding included: no padding may sit in the middle of them
+    aligned = not any(isinstance(layer, SlidingWindowLayer) for layer in cache.layers)
+    ids, mask, spans = pack(rows, chunk_size, pad_id(model, tokenizer), aligned)
     start = time.perf_counter()
-    prefill(model, ids, cache, method, chunk_size, progress)
+    prefill(model, ids, cache, method, spans, progress, mask)
     seconds = time.perf_counter() - start
     stats = CompressionStats(
-        context_tokens=ids.shape[1],
-        kept_per_layer_head=[heads[0].tolist() for heads in cache.kept_per_head()],
+        context_tokens=sum(len(row) for row in rows),
+        kept_per_layer_head=[heads.sum(0).tolist() for heads in cache.kept_per_head()],
         bytes_held=cache.nbytes(), bytes_uncompressed=cache.peak_bytes(), seconds=seconds,
         compressible_layers=[i for i, layer in enumerate(cache.layers) if not isinstance(layer, SlidingWindowLayer)])
-    return CompressedContext(model, tokenizer, cache, ids, method, prompt, stats)
+    return CompressedContext(model, tokenizer, cache, ids, method, prompt, stats, mask)
 
 
 class CompressedContext:
     """A compressed context: its cache, its token ids (the logical length), and the method that made it.
 
     Ask it questions with `ask` / `ask_many`: each question runs on a fork of the cache that shares
-    its tensors, so the context is exactly as it was before every question.
+    its tensors, so the context is exactly as it was before every question. A batch of contexts
+    (`context_ids` [batch, longest], left-padded as `context_mask` says) answers one question per row.
     """
 
     def __init__(self, model, tokenizer, cache: SqueezeCache, context_ids: torch.Tensor, method: Method | None,
-                 prompt: Prompt | None, stats: CompressionStats):
+                 prompt: Prompt | None, stats: CompressionStats, context_mask: torch.Tensor | None = None):
         self.model, self.tokenizer, self.cache = model, tokenizer, cache
         self.context_ids, self.method, self.prompt, self.stats = context_ids, method, prompt, stats
+        self.context_mask = context_mask
+
+    @property
+    def batch_size(self) -> int:
+        return self.context_ids.shape[0]
 
     @property
     def logical_length(self) -> int:
@@ -166,19 +232,24 @@ class CompressedContext:
     def nbytes(self) -> int:
         return self.cache.nbytes()
 
-    def generate(self, question_ids: torch.Tensor, decode_method: Method | None = None,
+    def generate(self, question_ids: torch.Tensor | list[torch.Tensor], decode_method: Method | None = None,
                  **generate_kwargs) -> torch.Tensor:
         """`model.generate` on a fork of the cache; returns only the new tokens, [sequences, new].
 
+        `question_ids` is one question for every row, or a list with one per row of a batch.
         `decode_method` (e.g. `DecodingBudget`, `H2O`, `RollingStreamingLLM`) keeps compressing while generating.
         """
-        ids = torch.cat([self.context_ids, question_ids.reshape(1, -1)], dim=1)
-        check_fits(self.model, ids.shape[1])
-        ids = ids.to(self.model.device)
-        kwargs = {"max_new_tokens": 128, "do_sample": False}
-        if self.tokenizer is not None:
-            kwargs["pad_token_id"] = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
-        kwargs |= generate_kwargs
+        questions = list(question_ids) if isinstance(question_ids, (list, tuple)) else [question_ids] * self.batch_size
+        if len(questions) != self.batch_size:
+            raise ValueError(f"{len(questions)} questions for a batch of {self.batch_size} contexts")
+        pad = pad_id(self.model, self.tokenizer)
+        question, question_mask = left_pad([torch.as_tensor(q).reshape(-1) for q in questions], pad)
+        ids = torch.cat([self.context_ids, question], dim=1)
+        mask = torch.cat([torch.ones_like(self.context_ids) if self.context_mask is None else self.context_mask,
+                          question_mask], dim=1)
+        check_fits(self.model, int(mask.sum(-1).max()))
+        ids, mask = ids.to(self.model.device), mask.to(self.model.device)
+        kwargs = {"max_new_tokens": 128, "do_sample": False, "pad_token_id": pad} | generate_kwargs
         if not kwargs["do_sample"]:
             kwargs.setdefault("temperature", None)
             kwargs.setdefault("top_p", None)
@@ -192,21 +263,26 @@ class CompressedContext:
             cache.batch_repeat_interleave(expand)
         attention.install(self.model)
         with torch.no_grad(), (decode_method.apply(self.model) if decode_method is not None else nullcontext()):
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **kwargs)
+            out = self.model.generate(ids, attention_mask=mask, past_key_values=cache, **kwargs)
         return out[:, ids.shape[1]:]
 
-    def ask(self, question: str, answer_prefix: str = "", decode_method: Method | None = None,
+    def ask(self, question: str | list[str], answer_prefix: str = "", decode_method: Method | None = None,
             **generate_kwargs) -> str | list[str]:
         """Answer `question` about the context (greedy, 128 new tokens unless generate kwargs say otherwise).
 
-        Returns one string, or a list of strings when `num_return_sequences` > 1. `decode_method` keeps
-        compressing while the answer is generated.
+        Returns one string; a list when `num_return_sequences` > 1 or the context is a batch (one answer per
+        row, then per sequence). For a batch, `question` is asked of every row, or is a list of one per row.
+        `decode_method` keeps compressing while the answer is generated.
         """
         if self.prompt is None:
             raise ValueError("this context has no tokenizer: use generate() with token ids")
-        new = self.generate(self.prompt.question_ids(question, answer_prefix), decode_method, **generate_kwargs)
+        if isinstance(question, str):
+            ids = self.prompt.question_ids(question, answer_prefix)
+        else:
+            ids = [self.prompt.question_ids(q, answer_prefix) for q in question]
+        new = self.generate(ids, decode_method, **generate_kwargs)
         answers = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
-        return answers if generate_kwargs.get("num_return_sequences", 1) > 1 else answers[0]
+        return answers if len(answers) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1 else answers[0]
 
     def ask_many(self, questions: list[str], answer_prefix: str = "", decode_method: Method | None = None,
                  **generate_kwargs) -> list[str]:
@@ -216,16 +292,13 @@ class CompressedContext:
     def save(self, path: str | Path) -> None:
         """Write the cache, token ids and provenance to a safetensors file."""
         tensors = {"context_ids": self.context_ids.contiguous()}
+        if self.context_mask is not None:
+            tensors["context_mask"] = self.context_mask.contiguous()
         layers = []
         for i, layer in enumerate(self.cache.layers):
-            kind = "sliding" if isinstance(layer, SlidingWindowLayer) else "evicting"
-            entry = {"kind": kind, "length": layer.get_seq_length(), "peak_bytes": layer.peak_bytes}
-            if kind == "sliding":
-                entry["sliding_window"] = layer.sliding_window
-            if layer.is_initialized:
-                tensors[f"layers.{i}.keys"] = layer.keys.contiguous()
-                tensors[f"layers.{i}.values"] = layer.values.contiguous()
-            layers.append(entry)
+            layer_tensors, numbers = layer.to_saved()
+            tensors |= {f"layers.{i}.{name}": t.contiguous() for name, t in layer_tensors.items()}
+            layers.append({"kind": layer.kind, "numbers": numbers})
         metadata = {"format": FORMAT, "model": json.dumps(model_fingerprint(self.model)),
                     "layers": json.dumps(layers), "method": repr(self.method),
                     "stats": json.dumps(asdict(self.stats))}
@@ -248,6 +321,7 @@ class CompressedContext:
             layers = json.loads(metadata["layers"])
             stats = CompressionStats(**json.loads(metadata["stats"]))
             context_ids = tensors["context_ids"].cpu()
+            context_mask = tensors["context_mask"].cpu() if "context_mask" in tensors else None
         except (KeyError, TypeError, json.JSONDecodeError) as error:
             raise CorruptContextError(f"{path} has missing or damaged metadata: {error}") from error
         current = model_fingerprint(model)
@@ -260,21 +334,14 @@ class CompressedContext:
             raise ModelMismatchError(f"{path} was made with another model ({saved_model['name_or_path']}): {what}")
         cache = SqueezeCache(layers=[cls._layer(tensors, i, entry, path) for i, entry in enumerate(layers)])
         prompt = Prompt.for_tokenizer(tokenizer, chat_template) if tokenizer is not None else None
-        return cls(model, tokenizer, cache, context_ids, None, prompt, stats)
+        return cls(model, tokenizer, cache, context_ids, None, prompt, stats, context_mask)
 
     @staticmethod
     def _layer(tensors, index, entry, path):
-        layer = (SlidingWindowLayer(sliding_window=entry["sliding_window"]) if entry["kind"] == "sliding"
-                 else EvictingLayer())
-        keys, values = tensors.get(f"layers.{index}.keys"), tensors.get(f"layers.{index}.values")
-        if keys is not None:
-            if values is None or keys.shape[:-1] != values.shape[:-1] or keys.dim() != 4:
-                raise CorruptContextError(f"{path}: layer {index} has inconsistent keys and values")
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
-        if entry["kind"] == "sliding":
-            layer.cumulative_length = entry["length"]
-        else:
-            layer.seen = entry["length"]
-        layer.peak_bytes = entry["peak_bytes"]
-        return layer
+        prefix = f"layers.{index}."
+        try:
+            kind = LAYER_KINDS[entry["kind"]]
+            return kind.from_saved({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                   entry["numbers"])
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+            raise CorruptContextError(f"{path}: layer {index} cannot be rebuilt: {error}") from error

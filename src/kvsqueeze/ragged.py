@@ -27,6 +27,10 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
 
     is_sliding = False
     is_croppable = False
+    kind = "ragged"
+    saved_tensors = ("pages_k", "pages_v", "page_segment", "page_fill", "lengths", "tail_k", "tail_v", "key_channels",
+                     "fresh_valid", "pads")
+    saved_numbers = ("peak_bytes", "seen", "page_size", "batch", "heads", "head_dim")
 
     def __init__(self, **kwargs):
         super().__init__()
@@ -83,6 +87,28 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         layer.tail_v = values.new_zeros(batch, heads, 0, values.shape[-1])
         return layer
 
+    @classmethod
+    def from_saved(cls, tensors, numbers):
+        layer = cls()
+        layer.dtype, layer.device, layer.is_initialized = tensors["pages_k"].dtype, tensors["pages_k"].device, True
+        for name in cls.saved_numbers:
+            setattr(layer, name, numbers[name])
+        for name in cls.saved_tensors:
+            setattr(layer, name, tensors.get(name))
+        layer.check()
+        return layer
+
+    def check(self) -> None:
+        super().check()
+        pages = self.n_pages
+        if (self.pages_v.shape[:2] != self.pages_k.shape[:2] or self.pages_k.shape[1] != self.page_size
+                or self.page_segment.shape != (pages,) or self.page_fill.shape != (pages,)
+                or tuple(self.lengths.shape) != (self.batch, self.heads)
+                or int(self.page_fill.sum()) != int(self.lengths.sum())
+                or (pages and int(self.page_segment.max()) >= self.batch * self.heads)
+                or self.tail_k.shape[:3] != self.tail_v.shape[:3] or self.tail_k.shape[:2] != (self.batch, self.heads)):
+            raise ValueError("the packed pages, their index and the tail do not fit together")
+
     # -- transformers' layer interface --
 
     def lazy_initialization(self, key_states, value_states):
@@ -126,7 +152,7 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         return sum(t.nbytes for t in tensors if t is not None)
 
     def kept_per_head(self) -> torch.Tensor:
-        return self.lengths + self.tail_k.shape[-2]
+        return self.lengths.cpu() + self.tail_k.shape[-2] - self.padding_held()
 
     # -- views and edits --
 

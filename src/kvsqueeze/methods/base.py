@@ -92,14 +92,19 @@ class ScorerMethod(Method):
         return scores if ctx.real is None else scores.masked_fill(~ctx.real, float("-inf"))
 
     def compress(self, ctx: LayerContext) -> None:
-        if not self.removes_anything(ctx):
-            return  # skip scoring: ratio 0 reproduces the model exactly
-        ctx.keep(self.budget.select(self.scores(ctx), ctx.seen, *ctx.depth))
+        over = self.rows_over_budget(ctx)
+        if bool(over.any()):  # else skip scoring: ratio 0 reproduces the model exactly
+            ctx.keep(self.keep_mask(ctx), rows=over)
 
-    def removes_anything(self, ctx: LayerContext) -> bool:
-        """Whether the budget asks any (batch row, head) to hold fewer tokens than it does."""
+    def keep_mask(self, ctx: LayerContext) -> torch.Tensor:
+        """What the layer keeps: [batch, kv_heads, stored]."""
+        return self.budget.select(self.scores(ctx), ctx.seen, *ctx.depth)
+
+    def rows_over_budget(self, ctx: LayerContext) -> torch.Tensor:
+        """[batch]: the rows with a head holding more than the budget's per-head share; the others are left as
+        they are (in a batch as alone)."""
         targets = torch.tensor([self.budget.n_keep(int(n), *ctx.depth) for n in ctx.seen])
-        return bool((ctx.held.min(-1).values.cpu() > targets).any())
+        return ctx.held.amax(-1).cpu() > targets
 
     def describe(self) -> dict:
         return self.budget.describe() | self.settings()

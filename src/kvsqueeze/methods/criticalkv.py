@@ -45,9 +45,7 @@ class CriticalKV(ScorerMethod):
     def setup(self, model):
         self.scorer.setup(model)
 
-    def compress(self, ctx: LayerContext) -> None:
-        if not self.removes_anything(ctx):
-            return
+    def keep_mask(self, ctx: LayerContext) -> torch.Tensor:
         scores = self.scorer.scores(ctx).float()
         counts = self.budget.head_counts(scores, ctx.seen, *ctx.depth).clamp(max=ctx.n_stored)
         first = top_k_per_head(scores, (counts * self.first_stage_ratio).floor().long())
@@ -55,7 +53,7 @@ class CriticalKV(ScorerMethod):
         refined = refined.masked_fill(first, math.inf)
         if ctx.real is not None:
             refined = refined.masked_fill(~ctx.real, -math.inf)
-        ctx.keep(top_k_per_head(refined, counts))
+        return top_k_per_head(refined, counts)
 
     def settings(self):
         return {"scorer": self.scorer.name, "first_stage_ratio": self.first_stage_ratio, "epsilon": self.epsilon}

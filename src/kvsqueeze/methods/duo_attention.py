@@ -41,12 +41,13 @@ class DuoAttention(Method):
 
     def compress(self, ctx: LayerContext) -> None:
         streaming = self.streaming[ctx.layer_idx].to(ctx.keys.device)
-        if not bool(streaming.any()) or int(ctx.held.min()) <= self.sink_size + self.recent_size:
+        long_enough = ctx.held.amin(-1) > self.sink_size + self.recent_size  # [batch]: each row decides alone
+        if not bool(streaming.any()) or not bool(long_enough.any()):
             return
         rank = ctx.rank
         window = (rank < self.sink_size) | (rank >= ctx.held[..., None] - self.recent_size)
         keep = (~streaming[None, :, None] | window) & (rank >= 0)
-        ctx.keep(keep)
+        ctx.keep(keep, rows=long_enough)
 
     def describe(self):
         return {"head_patterns": str(self.head_patterns)[:80], "sparsity": self.sparsity,

@@ -39,24 +39,24 @@ class ExpectedAttention(ScorerMethod):
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         rank = ctx.rank
-        n_sink = min(self.n_sink, int(ctx.held.min()) - 1)
+        n_sink = (ctx.held.amin(-1) - 1).clamp(min=0, max=self.n_sink)[:, None, None]  # per batch row
         sink = (rank >= 0) & (rank < n_sink)
         # statistics of the real queries of this forward, the sinks left out
         queries = ctx.pre_rope_queries.float()
-        weight = (rank[:, 0, -ctx.n_new:] >= n_sink).float()  # [batch, new]
+        weight = (rank[:, 0, -ctx.n_new:] >= n_sink[:, 0]).float()  # [batch, new]
         if ctx.new_real is not None:
             weight = weight * ctx.new_real.float()
         weight = weight[:, None, :, None] / weight.sum(-1).clamp(min=1)[:, None, None, None]
         mean = (queries * weight).sum(2)  # [batch, heads, d]
-        future = torch.arange(ctx.layer.seen, ctx.layer.seen + self.n_future_positions)
-        cos, sin = (t[0].float() for t in ctx.rotary_at(future))
-        rotation = mean_rotation(cos, sin, ctx.head_dim)
+        rotation = torch.stack([  # [batch, d, d]: the future positions of each row follow its own length
+            mean_rotation(*(t[0].float() for t in ctx.rotary_at(torch.arange(seen, seen + self.n_future_positions))),
+                          ctx.head_dim) for seen in ctx.seen.tolist()])
 
         keys = ctx.keys.float().repeat_interleave(ctx.group_size, dim=1)
-        logits = torch.einsum("bhd,bhnd->bhn", mean @ rotation.T, keys) * ctx.scaling
+        logits = torch.einsum("bhd,bed,bhne->bhn", mean, rotation, keys) * ctx.scaling
         if self.use_covariance:
             centred = (queries - mean[:, :, None]) * weight.sqrt()
-            covariance = rotation @ (centred.transpose(-1, -2) @ centred) @ rotation.T
+            covariance = rotation[:, None] @ (centred.transpose(-1, -2) @ centred) @ rotation.transpose(-1, -2)[:, None]
             logits += 0.5 * ctx.scaling ** 2 * ((keys @ covariance) * keys).sum(-1)
         hidden = sink if ctx.real is None else sink | ~ctx.real  # the softmax is over the other tokens
         logits = logits.masked_fill(hidden.repeat_interleave(ctx.group_size, dim=1), float("-inf"))

@@ -1,6 +1,7 @@
 import torch
 
 from ..hooks import LayerContext
+from ..ragged import RaggedLayer
 from .base import ScorerMethod
 
 
@@ -21,14 +22,19 @@ class ObservedAttention(ScorerMethod):
     name = "observed_attention"
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        if ctx.attention_weights is None:
+        weights = ctx.attention_weights
+        if weights is None and isinstance(ctx.layer, RaggedLayer):  # kvsqueeze's ragged attention returns none
+            weights = ctx.last_queries_attention(ctx.n_new)
+        if weights is None:
             raise MissingAttentionWeights(
                 "ObservedAttention needs the attention weights, which only eager attention returns: load the "
                 "model with attn_implementation='eager' (or model.set_attn_implementation('eager'))")
-        weights = ctx.attention_weights.float()  # [batch, heads, new, stored]
-        if ctx.new_real is not None:  # padding queries attend to nothing real
-            weights = weights * ctx.new_real[:, None, :, None]
+        weights = weights.float()  # [batch, heads, new, stored]
         stored, new = weights.shape[-1], weights.shape[-2]
-        seen_by = torch.arange(stored, device=weights.device)
-        seen_by = (new - (seen_by - (stored - new)).clamp(min=0)).float()
-        return ctx.per_kv_head(weights.sum(dim=2) / seen_by)
+        real = torch.ones(weights.shape[0], new, device=weights.device) if ctx.new_real is None else ctx.new_real
+        weights = weights * real[:, None, :, None]  # padding queries attend to nothing real
+        # how many real queries could see each token: all of them for older tokens, causal among the new ones
+        visible = torch.arange(stored, device=weights.device)[None, :] <= (
+            stored - new + torch.arange(new, device=weights.device))[:, None]
+        seen_by = (real.float()[:, :, None] * visible).sum(1).clamp(min=1)  # [batch, stored]
+        return ctx.per_kv_head(weights.sum(dim=2) / seen_by[:, None, :])

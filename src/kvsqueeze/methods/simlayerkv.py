@@ -20,14 +20,16 @@ class SimLayerKV(Method):
         self.lazy_threshold, self.n_initial, self.n_recent = lazy_threshold, n_initial, n_recent
 
     def compress(self, ctx: LayerContext) -> None:
-        if int(ctx.held.min()) <= self.n_initial + self.n_recent:
+        long_enough = ctx.held.amin(-1) > self.n_initial + self.n_recent  # [batch]: each row decides alone
+        if not bool(long_enough.any()):
             return
         rank = ctx.rank
         edges = (rank >= 0) & ((rank < self.n_initial) | (rank >= ctx.held[..., None] - self.n_recent))
         attention = ctx.last_queries_attention(1)[:, :, 0]  # [batch, heads, n]
         on_edges = (attention * edges.repeat_interleave(ctx.group_size, dim=1)).sum(-1)
-        if on_edges.mean().item() > self.lazy_threshold:
-            ctx.keep(edges)
+        lazy = long_enough.to(on_edges.device) & (on_edges.mean(-1) > self.lazy_threshold)
+        if bool(lazy.any()):
+            ctx.keep(edges, rows=lazy)
 
     def describe(self):
         return {"lazy_threshold": self.lazy_threshold, "n_initial": self.n_initial, "n_recent": self.n_recent}

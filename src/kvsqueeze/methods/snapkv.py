@@ -5,22 +5,51 @@ from ..hooks import LayerContext
 from .base import ScorerMethod
 
 
-def pooled(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
-    """Smooth scores along the tokens so that neighbours of an important token are kept with it."""
+def pooled(scores: torch.Tensor, kernel_size: int, pooling: str, among: torch.Tensor | None = None) -> torch.Tensor:
+    """Smooth scores along the tokens so that neighbours of an important token are kept with it.
+
+    With `among` (a mask like `scores`), only those tokens are neighbours: they are pooled as one
+    sequence with the others left out (padding, a batch row's window), as if these were not there.
+    """
     pool = {"max": F.max_pool1d, "avg": F.avg_pool1d}[pooling]
+    if among is not None:
+        order = (~among).long().argsort(dim=-1, stable=True)  # the tokens pooled first, in order
+        filler = float("-inf") if pooling == "max" else 0.0  # what the pooling pads the ends with
+        packed = scores.gather(-1, order).masked_fill(~among.gather(-1, order), filler)
+        return torch.empty_like(scores).scatter_(-1, order, pooled(packed, kernel_size, pooling))
     batch, heads, n = scores.shape
     out = pool(scores.reshape(batch * heads, 1, n), kernel_size, stride=1, padding=kernel_size // 2)
     return out.view(batch, heads, -1)[..., :n]
 
 
 def snapkv_scores(ctx: LayerContext, window_size: int, kernel_size: int, pooling: str) -> torch.Tensor:
-    """Attention of the observation window (the last queries) on each earlier token, pooled; window kept."""
-    window = min(window_size, ctx.n_new - 1, ctx.n_stored - 1)
-    if window < 1:
+    """Attention of the observation window (the last queries) on each earlier token, pooled; window kept.
+
+    In a padded batch each row has its own window (as long as it would be alone): padding queries
+    observe nothing and padding keys are no neighbours.
+    """
+    if ctx.real is None:
+        window = min(window_size, ctx.n_new - 1, ctx.n_stored - 1)
+        if window < 1:
+            return torch.ones(ctx.keys.shape[:-1], device=ctx.keys.device)
+        attention = ctx.last_queries_attention(window)[..., :-window]  # [batch, heads, window, earlier]
+        scores = ctx.per_kv_head(pooled(attention.mean(dim=2), kernel_size, pooling))
+        return F.pad(scores, (0, window), value=float("inf"))
+    new = ctx.n_new if ctx.new_real is None else ctx.new_real.sum(-1).cpu()
+    windows = torch.as_tensor(new - 1).clamp(max=window_size).minimum(ctx.held.amax(-1).cpu() - 1).clamp(min=0)
+    widest = int(windows.max())
+    if widest < 1:
         return torch.ones(ctx.keys.shape[:-1], device=ctx.keys.device)
-    attention = ctx.last_queries_attention(window)[..., :-window]  # [batch, heads, window, earlier]
-    scores = ctx.per_kv_head(pooled(attention.mean(dim=2), kernel_size, pooling))
-    return F.pad(scores, (0, window), value=float("inf"))
+    windows = windows.to(ctx.keys.device)
+    steps = torch.arange(widest, device=ctx.keys.device)
+    observing = steps[None, :] >= widest - windows[:, None]  # [batch, widest]: each row's own last queries
+    attention = ctx.last_queries_attention(widest) * observing[:, None, :, None]
+    mean = attention.sum(dim=2) / windows.clamp(min=1)[:, None, None]
+    in_window = torch.arange(ctx.n_stored, device=ctx.keys.device)[None, :] >= ctx.n_stored - windows[:, None]
+    earlier = ctx.real & ~in_window[:, None, :]
+    group = ctx.group_size
+    scores = ctx.per_kv_head(pooled(mean, kernel_size, pooling, earlier.repeat_interleave(group, dim=1)))
+    return scores.masked_fill(in_window[:, None, :] & ctx.real, float("inf"))
 
 
 class SnapKV(ScorerMethod):
