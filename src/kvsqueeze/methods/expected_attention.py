@@ -43,20 +43,22 @@ class ExpectedAttention(ScorerMethod):
         sink = (rank >= 0) & (rank < n_sink)
         # statistics of the real queries of this forward, the sinks left out
         queries = ctx.pre_rope_queries.float()
-        weight = (rank[:, 0, -ctx.n_new:] >= n_sink[:, 0]).float()  # [batch, new]
+        counted = (rank[:, 0, -ctx.n_new:] >= n_sink[:, 0]).float()  # [batch, new]
         if ctx.new_real is not None:
-            weight = weight * ctx.new_real.float()
-        weight = weight[:, None, :, None] / weight.sum(-1).clamp(min=1)[:, None, None, None]
-        mean = (queries * weight).sum(2)  # [batch, heads, d]
+            counted = counted * ctx.new_real.float()
+        counted, count = counted[:, None, :, None], counted.sum(-1).clamp(min=1)[:, None, None]
+        mean = (queries * counted).sum(2) / count  # [batch, heads, d]
         rotation = torch.stack([  # [batch, d, d]: the future positions of each row follow its own length
             mean_rotation(*(t[0].float() for t in ctx.rotary_at(torch.arange(seen, seen + self.n_future_positions))),
                           ctx.head_dim) for seen in ctx.seen.tolist()])
 
         keys = ctx.keys.float().repeat_interleave(ctx.group_size, dim=1)
-        logits = torch.einsum("bhd,bed,bhne->bhn", mean, rotation, keys) * ctx.scaling
+        rotated_mean = torch.einsum("bhd,bed->bhe", mean, rotation)
+        logits = torch.einsum("bhd,bhnd->bhn", rotated_mean, keys) * ctx.scaling
         if self.use_covariance:
-            centred = (queries - mean[:, :, None]) * weight.sqrt()
-            covariance = rotation[:, None] @ (centred.transpose(-1, -2) @ centred) @ rotation.transpose(-1, -2)[:, None]
+            centred = (queries - mean[:, :, None]) * counted
+            covariance = centred.transpose(-1, -2) @ centred / count[..., None]
+            covariance = rotation[:, None] @ covariance @ rotation.transpose(-1, -2)[:, None]
             logits += 0.5 * ctx.scaling ** 2 * ((keys @ covariance) * keys).sum(-1)
         hidden = sink if ctx.real is None else sink | ~ctx.real  # the softmax is over the other tokens
         logits = logits.masked_fill(hidden.repeat_interleave(ctx.group_size, dim=1), float("-inf"))
