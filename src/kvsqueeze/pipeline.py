@@ -204,7 +204,9 @@ def compress(model, tokenizer, context: str | torch.Tensor | list, method: Metho
         kept_per_layer_head=[heads.sum(0).tolist() for heads in cache.kept_per_head()],
         bytes_held=cache.nbytes(), bytes_uncompressed=cache.peak_bytes(), seconds=seconds,
         compressible_layers=[i for i, layer in enumerate(cache.layers) if not isinstance(layer, SlidingWindowLayer)])
-    return CompressedContext(model, tokenizer, cache, ids, method, prompt, stats, mask)
+    ctx = CompressedContext(model, tokenizer, cache, ids, method, prompt, stats, mask)
+    ctx.check_window = check_window
+    return ctx
 
 
 class CompressedContext:
@@ -220,6 +222,7 @@ class CompressedContext:
         self.model, self.tokenizer, self.cache = model, tokenizer, cache
         self.context_ids, self.method, self.prompt, self.stats = context_ids, method, prompt, stats
         self.context_mask = context_mask
+        self.check_window = True  # False (compress(check_window=False)): questions may go past the window too
 
     @property
     def batch_size(self) -> int:
@@ -247,7 +250,8 @@ class CompressedContext:
         ids = torch.cat([self.context_ids, question], dim=1)
         mask = torch.cat([torch.ones_like(self.context_ids) if self.context_mask is None else self.context_mask,
                           question_mask], dim=1)
-        check_fits(self.model, int(mask.sum(-1).max()))
+        if self.check_window:
+            check_fits(self.model, int(mask.sum(-1).max()))
         ids, mask = ids.to(self.model.device), mask.to(self.model.device)
         kwargs = {"max_new_tokens": 128, "do_sample": False, "pad_token_id": pad} | generate_kwargs
         if not kwargs["do_sample"]:
