@@ -7,11 +7,17 @@ the peak minus the memory held before the context (model, libraries). Configurat
 each length, so they see the same machine load. Contexts beyond the model's window are allowed: this
 measures memory and time, not answers. Writes JSON lines and a plot.
 
+The measuring processes run with MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB (every configuration alike): glibc
+then serves every tensor from its own mapping and returns it to the system when freed, so the resident
+peak follows the live tensors instead of the allocator's history (by default glibc raises that threshold
+after frees, and a compressing cache, which frees and allocates every layer at every chunk, fragments).
+
     python benchmarks/long_context.py --lengths 1024,2048,4096,8192,16384,32768 --ratio 0.75 --chunk 2048
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -112,7 +118,8 @@ def main():
             command = [sys.executable, __file__, "--one", f"{length},{config}", "--method", args.method,
                        "--ratio", str(args.ratio), "--chunk", str(args.chunk),
                        "--decode-tokens", str(args.decode_tokens)]
-            done = subprocess.run(command, check=True, capture_output=True, text=True)
+            env = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+            done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
             row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
             with out.open("a") as f:
