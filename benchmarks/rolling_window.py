@@ -17,13 +17,7 @@ import torch
 from transformers import StoppingCriteria
 
 import kvsqueeze
-
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("VmRSS not in /proc/self/status")
+from long_context import rss_kib  # the sibling benchmark's reader of /proc/self/status
 
 
 class Sampler(StoppingCriteria):
@@ -36,7 +30,7 @@ class Sampler(StoppingCriteria):
         step = input_ids.shape[1]
         if step % self.every == 0:
             self.rows.append({"generated_positions": step, "cache_mib": self.cache.nbytes() / 2**20,
-                              "stored_tokens": self.cache.layers[0].stored, "rss_mib": rss_mib(),
+                              "stored_tokens": self.cache.layers[0].stored, "rss_mib": rss_kib("VmRSS") / 1024,
                               "seconds": time.perf_counter() - self.start})
             print(json.dumps(self.rows[-1]), flush=True)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

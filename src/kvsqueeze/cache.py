@@ -60,12 +60,16 @@ class MeasuredLayer:
         layer = cls(**numbers)
         for name in cls.saved_numbers:
             setattr(layer, name, numbers[name])
-        if "keys" in tensors:
-            layer.lazy_initialization(tensors["keys"], tensors["values"])
+        layer.adopt(tensors)
         for name in cls.saved_tensors:
             setattr(layer, name, tensors.get(name))
         layer.check()
         return layer
+
+    def adopt(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take the dtype and device of saved tensors (before they are set)."""
+        if "keys" in tensors:
+            self.lazy_initialization(tensors["keys"], tensors["values"])
 
     def check(self) -> None:
         keys, values = self.keys, self.values

@@ -204,9 +204,7 @@ def compress(model, tokenizer, context: str | torch.Tensor | list, method: Metho
         kept_per_layer_head=[heads.sum(0).tolist() for heads in cache.kept_per_head()],
         bytes_held=cache.nbytes(), bytes_uncompressed=cache.peak_bytes(), seconds=seconds,
         compressible_layers=[i for i, layer in enumerate(cache.layers) if not isinstance(layer, SlidingWindowLayer)])
-    ctx = CompressedContext(model, tokenizer, cache, ids, method, prompt, stats, mask)
-    ctx.check_window = check_window
-    return ctx
+    return CompressedContext(model, tokenizer, cache, ids, method, prompt, stats, mask, check_window)
 
 
 class CompressedContext:
@@ -218,11 +216,12 @@ class CompressedContext:
     """
 
     def __init__(self, model, tokenizer, cache: SqueezeCache, context_ids: torch.Tensor, method: Method | None,
-                 prompt: Prompt | None, stats: CompressionStats, context_mask: torch.Tensor | None = None):
+                 prompt: Prompt | None, stats: CompressionStats, context_mask: torch.Tensor | None = None,
+                 check_window: bool = True):
         self.model, self.tokenizer, self.cache = model, tokenizer, cache
         self.context_ids, self.method, self.prompt, self.stats = context_ids, method, prompt, stats
         self.context_mask = context_mask
-        self.check_window = True  # False (compress(check_window=False)): questions may go past the window too
+        self.check_window = check_window  # False: questions may go past the model's window too (measurements)
 
     @property
     def batch_size(self) -> int:

@@ -87,16 +87,8 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         layer.tail_v = values.new_zeros(batch, heads, 0, values.shape[-1])
         return layer
 
-    @classmethod
-    def from_saved(cls, tensors, numbers):
-        layer = cls()
-        layer.dtype, layer.device, layer.is_initialized = tensors["pages_k"].dtype, tensors["pages_k"].device, True
-        for name in cls.saved_numbers:
-            setattr(layer, name, numbers[name])
-        for name in cls.saved_tensors:
-            setattr(layer, name, tensors.get(name))
-        layer.check()
-        return layer
+    def adopt(self, tensors):
+        self.dtype, self.device, self.is_initialized = tensors["pages_k"].dtype, tensors["pages_k"].device, True
 
     def check(self) -> None:
         super().check()
@@ -206,8 +198,7 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         channels = self.channels()
         rebuilt = RaggedLayer.from_dense(keys[batch_index], values[batch_index], real[batch_index], self.seen,
                                          self.page_size, None if channels is None else channels[batch_index])
-        rebuilt.peak_bytes = self.peak_bytes
-        rebuilt.pads = None if self.pads is None else self.pads[batch_index]
+        rebuilt.inherit(self).pads = None if self.pads is None else self.pads[batch_index]
         self.__dict__.update(rebuilt.__dict__)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
