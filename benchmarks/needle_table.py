@@ -6,13 +6,17 @@ parameters ("think:key_channel_ratio=0.5"); `--ratios` applies to those that tak
 others run once with their own settings. Each row reports the compression really measured.
 Results are appended to `--out` (JSON lines); samples already there are skipped, so an interrupted
 run resumes. `--chunk` prefills in chunks with in-loop compression (compared with a full prefill).
+`--quant` stores what is kept quantized (each quantizer is one more configuration; "none" is eviction
+alone); benchmarks/score_vs_bytes.py plots the score against the bytes held.
 
     python benchmarks/needle_table.py --tokens 3000 --samples 10 --ratios 0.25,0.5,0.75
     python benchmarks/needle_table.py --tokens 7800 --methods knorm,snapkv --ratios 0.5 --chunk 2048
+    python benchmarks/needle_table.py --methods full,snapkv --ratios 0.5 --quant none,kivi-2
 """
 
 import argparse
 import inspect
+import itertools
 import json
 import time
 from pathlib import Path
@@ -38,28 +42,31 @@ def main():
     parser.add_argument("--methods", default="full," + ",".join(kvsqueeze.available()),
                         help="comma-separated; parameters after ':' joined by '+', e.g. think:key_channel_ratio=0.5")
     parser.add_argument("--chunk", type=int, default=None, help="prefill in chunks of this many tokens")
+    parser.add_argument("--quant", default="none", help="comma-separated quantizers (none, kivi-2, kvquant-4, gear-4...)")
     parser.add_argument("--out", default="results/needle_table.jsonl")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     specs = [spec.replace("+", ",") for spec in args.methods.split(",")]
     out_path = Path(args.out)
-    done = {(r["method"], r["ratio"], r.get("chunk"), r["depth"]) for r in map(json.loads, out_path.open())
+    quants = [None if q == "none" else q for q in args.quant.split(",")]
+    done = {(r["method"], r["ratio"], r.get("chunk"), r.get("quant"), r["depth"]) for r in map(json.loads, out_path.open())
             } if out_path.exists() else set()
     models = {attn: kvsqueeze.load(args.model, attn_implementation=attn) for attn in ("sdpa", "eager")}
     tokenizer = models["sdpa"][1]
     samples = [needle_sample(tokenizer, args.tokens, i / max(args.samples - 1, 1), seed=i) for i in range(args.samples)]
     with out_path.open("a") as out:
-        for spec, ratio in configurations(specs, ratios):
-            todo = [sample for sample in samples if (spec, ratio, args.chunk, sample.depth) not in done]
+        for (spec, ratio), quant in itertools.product(configurations(specs, ratios), quants):
+            todo = [sample for sample in samples if (spec, ratio, args.chunk, quant, sample.depth) not in done]
             if not todo:
                 continue
             model = models["eager" if spec.startswith("observed_attention") else "sdpa"][0]
             method = None if spec == "full" else kvsqueeze.methods.build(spec, ratio)
             start = time.perf_counter()
             for sample in todo:
-                ctx = kvsqueeze.compress(model, tokenizer, sample.context, method, chunk_size=args.chunk)
+                ctx = kvsqueeze.compress(model, tokenizer, sample.context, method, chunk_size=args.chunk, quantizer=quant)
                 answer = ctx.ask(sample.question, max_new_tokens=24)
-                out.write(json.dumps({"method": spec, "ratio": ratio, "chunk": args.chunk, "depth": sample.depth,
+                out.write(json.dumps({"method": spec, "ratio": ratio, "chunk": args.chunk, "quant": quant,
+                                      "depth": sample.depth,
                                       "answer": answer,
                                       "expected": sample.answer, "correct": sample.correct(answer),
                                       "tokens": ctx.stats.context_tokens,
@@ -67,12 +74,15 @@ def main():
                                       "bytes_held": ctx.stats.bytes_held,
                                       "bytes_uncompressed": ctx.stats.bytes_uncompressed}) + "\n")
                 out.flush()
-            print(f"{spec} {ratio}: {time.perf_counter() - start:.0f} s", flush=True)
-    print_table(out_path, specs, ratios, args.chunk)
+            print(f"{spec} {ratio} {quant or ''}: {time.perf_counter() - start:.0f} s", flush=True)
+    for quant in quants:
+        print_table(out_path, specs, ratios, args.chunk, quant)
 
 
-def print_table(path, specs, ratios, chunk=None):
-    rows = [json.loads(line) for line in path.open() if json.loads(line).get("chunk") == chunk]
+def print_table(path, specs, ratios, chunk=None, quant=None):
+    rows = [row for row in map(json.loads, path.open()) if row.get("chunk") == chunk and row.get("quant") == quant]
+    if quant:
+        print(f"\nquantized with {quant}:")
 
     def cell(spec, ratio):
         hits = [r for r in rows if r["method"] == spec and r["ratio"] == ratio]

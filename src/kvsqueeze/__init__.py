@@ -3,6 +3,7 @@
 from .budgets import Pyramid, Uniform
 from .cache import EvictingLayer, SlidingWindowLayer, SqueezeCache, as_squeeze_cache
 from .ragged import RaggedLayer
+from .quantizers import GEAR, KIVI, KVQuant, Quantizer, quantizer
 from .methods import *  # noqa: F401,F403  every method class, by name
 from .methods import Method, MissingAttentionWeights, ScorerMethod, UnknownMethodError, available, l2_compress, method
 from .models import load

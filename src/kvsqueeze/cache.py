@@ -144,6 +144,7 @@ class EvictingLayer(CompressibleLayer, DynamicLayer):
     """Dense layer: every (batch row, KV head) keeps the same number of tokens, in their original order."""
 
     kind = "evicting"
+    codec = None  # a Quantizer: the tokens this layer keeps are stored quantized (in a RaggedLayer's pages)
     saved_tensors = ("keys", "values", "fresh_valid", "pads")
     saved_numbers = ("peak_bytes", "seen", "fresh")
 
@@ -209,14 +210,15 @@ class EvictingLayer(CompressibleLayer, DynamicLayer):
         """Keep the tokens where `mask` ([batch, kv_heads, stored]) is True and free the others.
 
         Returns the layer that now holds them: this one when every (batch row, head) keeps the same
-        number of tokens, else a RaggedLayer, where each head keeps its own number.
+        number of tokens, else a RaggedLayer, where each head keeps its own number; a RaggedLayer too when
+        the layer has a codec, whose pages are stored quantized.
         """
         counts = mask.sum(-1)
         n_keep = int(counts.flatten()[0])
-        if not bool((counts == n_keep).all()):
+        if not bool((counts == n_keep).all()) or self.codec is not None:
             from .ragged import RaggedLayer
 
-            return RaggedLayer.from_dense(self.keys, self.values, mask, self.seen).inherit(self)
+            return RaggedLayer.from_dense(self.keys, self.values, mask, self.seen, codec=self.codec).inherit(self)
         self.fresh, self.fresh_valid = 0, None  # padding is never kept: all stored tokens are real from now on
         if n_keep < self.stored:
             batch, heads, _ = mask.shape
@@ -232,11 +234,16 @@ class EvictingLayer(CompressibleLayer, DynamicLayer):
         """Keep only `channels` [batch, kv_heads, kept_dim] of the keys: returns the (ragged) layer holding them."""
         from .ragged import RaggedLayer
 
-        real = self.fresh_mask(*self.keys.shape[:2], self.keys.device)
+        return RaggedLayer.from_dense(self.keys, self.values, self.real_mask(), self.seen, key_channels=channels,
+                                      codec=self.codec).inherit(self)
+
+    def real_mask(self) -> torch.Tensor:
+        """[batch, kv_heads, stored]: the stored tokens that are real (not padding)."""
         mask = torch.ones(self.keys.shape[:-1], dtype=torch.bool, device=self.keys.device)
+        real = self.fresh_mask(*self.keys.shape[:2], self.keys.device)
         if real is not None:
             mask[..., -self.fresh:] = real
-        return RaggedLayer.from_dense(self.keys, self.values, mask, self.seen, key_channels=channels).inherit(self)
+        return mask
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -278,10 +285,11 @@ class SqueezeCache(Cache):
     """The kvsqueeze cache: a list of layers, one per attention layer of the model.
 
     Built from a model config, full-attention layers are `EvictingLayer`s (methods compress them) and
-    sliding-window layers (Gemma 3, Mistral with a window) keep the model's own bounded window.
+    sliding-window layers (Gemma 3, Mistral with a window) keep the model's own bounded window. With a
+    `quantizer`, what the full-attention layers keep is stored quantized (see `quantize`).
     """
 
-    def __init__(self, config=None, layers: list | None = None):
+    def __init__(self, config=None, layers: list | None = None, quantizer=None):
         if layers is None and config is not None:
             text_config = config.get_text_config()
             layers = []
@@ -294,6 +302,7 @@ class SqueezeCache(Cache):
                     layers.append(SlidingWindowLayer(sliding_window=window))
                 else:
                     layers.append(EvictingLayer())
+                    layers[-1].codec = quantizer
         if layers is None:
             super().__init__(layer_class_to_replicate=EvictingLayer)
         else:
@@ -314,6 +323,15 @@ class SqueezeCache(Cache):
     def keep(self, layer_idx: int, mask: torch.Tensor) -> None:
         """Layer `layer_idx` keeps the tokens where `mask` is True: densely if every head keeps as many, else ragged."""
         self.layers[layer_idx] = self.layers[layer_idx].keep(mask)
+
+    def quantize(self) -> None:
+        """Store quantized every layer that has a quantizer and still holds full-precision tokens.
+
+        A method's compression quantizes the layers it compresses; this covers the rest (quantization alone,
+        layers a method leaves whole)."""
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, EvictingLayer) and layer.codec is not None and layer.stored:
+                self.layers[i] = layer.keep(layer.real_mask())
 
     def prune_key_channels(self, layer_idx: int, channels: torch.Tensor) -> None:
         """Layer `layer_idx` keeps only `channels` [batch, kv_heads, kept_dim] of its keys (ThinK)."""

@@ -2,18 +2,20 @@
 
     kvsqueeze                 demo: the built-in document, full cache vs the default method, side by side
     kvsqueeze ask FILE -q Q   answer a question about a file (or stdin), full vs compressed
-    kvsqueeze methods         every method with what it keeps
+    kvsqueeze methods         every method with what it keeps, and the quantizers
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import textwrap
 import time
 from importlib.resources import files
 
 from . import methods as method_registry
+from . import quantizers
 from .models import DEFAULT_MODEL
 
 DEFAULT_METHOD = "streaming_llm"  # the most robust here: see the needle table in the README
@@ -24,10 +26,10 @@ def megabytes(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
 
 
-def run(model, tokenizer, context: str, question: str, method, max_new_tokens: int) -> dict:
+def run(model, tokenizer, context: str, question: str, method, max_new_tokens: int, quantizer=None) -> dict:
     from .pipeline import compress
 
-    ctx = compress(model, tokenizer, context, method)
+    ctx = compress(model, tokenizer, context, method, quantizer=quantizer)
     start = time.perf_counter()
     answer = ctx.ask(question, max_new_tokens=max_new_tokens)
     return {"answer": answer, "ctx": ctx, "answer_seconds": time.perf_counter() - start}
@@ -68,12 +70,14 @@ def ask_command(args) -> int:
         context = sys.stdin.read()
     else:
         context = open(args.file, encoding="utf-8").read()
-    method = method_registry.build(args.method, args.ratio, args.budget, args.param)
+    method = None if args.method == "none" else method_registry.build(args.method, args.ratio, args.budget, args.param)
+    quantizer = quantizers.quantizer(args.quant)
     model, tokenizer = models.load(args.model, attn_implementation=args.attn)
     runs = []
     if not args.no_full:
         runs.append(("full cache", run(model, tokenizer, context, args.question, None, args.max_new_tokens)))
-    runs.append((repr(method), run(model, tokenizer, context, args.question, method, args.max_new_tokens)))
+    title = " + ".join(repr(part) for part in (method, quantizer) if part is not None) or "full cache"
+    runs.append((title, run(model, tokenizer, context, args.question, method, args.max_new_tokens, quantizer)))
     print(side_by_side(args.question, runs))
     return 0
 
@@ -117,6 +121,9 @@ def methods_command(args) -> int:
     width = max(map(len, registry))
     for name, cls in registry.items():
         print(f"{name:<{width}}  {cls.__name__:<18} {cls.summary()}")
+    print("\nquantizers (--quant NAME-BITS, e.g. kivi-2; composes with any method):")
+    for name, cls in sorted(quantizers.REGISTRY.items()):
+        print(f"{name:<{width}}  {cls.__name__:<18} {inspect.getdoc(cls).splitlines()[0]}")
     return 0
 
 
@@ -133,7 +140,10 @@ def parser() -> argparse.ArgumentParser:
                                           "the answers and the memory held and time taken, full vs compressed.")
     ask.add_argument("file", nargs="?", help="the document (default: stdin)")
     ask.add_argument("-q", "--question", required=True)
-    ask.add_argument("-m", "--method", default=DEFAULT_METHOD, help="registry name (see `kvsqueeze methods`)")
+    ask.add_argument("-m", "--method", default=DEFAULT_METHOD,
+                     help="registry name (see `kvsqueeze methods`), or none (with --quant: quantization alone)")
+    ask.add_argument("--quant", default=None, metavar="NAME-BITS",
+                     help="store the kept tokens quantized: kivi-2, kivi-4, kvquant-4, gear-4 ... (any method)")
     budget = ask.add_mutually_exclusive_group()
     budget.add_argument("-r", "--ratio", type=float, help="fraction removed, in [0, 1) (default 0.5)")
     budget.add_argument("-b", "--budget", type=int, help="tokens kept per head instead of a ratio")

@@ -19,6 +19,7 @@ from .cache import EvictingLayer, SlidingWindowLayer, SqueezeCache
 from .hooks import attention_modules
 from .methods import Method
 from .prompt import Prompt
+from .quantizers import Quantizer, quantizer as as_quantizer
 from .ragged import RaggedLayer
 
 FORMAT = "kvsqueeze-context/2"
@@ -47,6 +48,7 @@ class CompressionStats:
     bytes_uncompressed: int  # bytes the cache held before compression (the most each layer held)
     seconds: float  # prefill + compression, wall clock
     compressible_layers: list[int]  # layers methods act on (sliding-window layers are bounded by the model)
+    quantizer: dict | None = None  # the quantizer storing the kept tokens, if any (its spec)
 
     @property
     def compression_ratio(self) -> float:
@@ -144,7 +146,7 @@ def prefill(model, ids: torch.Tensor, cache: SqueezeCache, method: Method | None
     With several `spans` (chunks, see `pack`), the context goes one span per forward and the method
     compresses the running cache after each, so the cache never holds more than the method's budget
     plus one chunk. `attention_mask` marks padding: positions count real tokens only, and padding is
-    never attended or kept.
+    never attended or kept. When the cache has a quantizer, what it holds is quantized after each span.
     """
     spans = spans or [slice(0, ids.shape[1])]
     if len(spans) > 1 and method is not None and method.needs_whole_context:
@@ -160,11 +162,12 @@ def prefill(model, ids: torch.Tensor, cache: SqueezeCache, method: Method | None
             padding = {} if attention_mask is None else {"attention_mask": attention_mask[:, :span.stop],
                                                          "position_ids": positions[:, span]}
             base(input_ids=ids[:, span].to(model.device), past_key_values=cache, use_cache=True, **padding)
+            cache.quantize()
 
 
 def compress(model, tokenizer, context: str | torch.Tensor | list, method: Method | None = None, *,
-             chunk_size: int | None = None, chat_template: bool = True, check_window: bool = True,
-             progress: bool = False) -> "CompressedContext":
+             chunk_size: int | None = None, quantizer: str | Quantizer | None = None, chat_template: bool = True,
+             check_window: bool = True, progress: bool = False) -> "CompressedContext":
     """Prefill `context` and compress its cache with `method` (None keeps everything).
 
     `context` is text (placed in the user turn of the chat template, when the tokenizer has one) or
@@ -172,7 +175,10 @@ def compress(model, tokenizer, context: str | torch.Tensor | list, method: Metho
     row gets what compressing it alone gives). `chunk_size` prefills in chunks, compressing after each
     (peak memory bounded by the budget plus one chunk). `check_window=False` allows contexts longer than
     the model's window (for memory measurements: the model was not trained on such positions).
+    `quantizer` ("kivi-2", "kvquant-4", "gear-4" or a Quantizer) stores what is kept quantized; it composes
+    with any method, and later tokens (question, answer) are quantized too, past its full-precision window.
     """
+    codec = as_quantizer(quantizer)
     if not isinstance(model, PreTrainedModel):
         raise attention.UnsupportedModelError(f"kvsqueeze compresses transformers models; got {type(model).__name__}")
     attention_modules(model)  # raises if nothing can be hooked
@@ -192,7 +198,7 @@ def compress(model, tokenizer, context: str | torch.Tensor | list, method: Metho
             raise ValueError("the context is empty")
     if check_window:
         check_fits(model, max(len(row) for row in rows))
-    cache = SqueezeCache(model.config)
+    cache = SqueezeCache(model.config, quantizer=codec)
     # sliding windows count positions, padding included: no padding may sit in the middle of them
     aligned = not any(isinstance(layer, SlidingWindowLayer) for layer in cache.layers)
     ids, mask, spans = pack(rows, chunk_size, pad_id(model, tokenizer), aligned)
@@ -203,7 +209,8 @@ def compress(model, tokenizer, context: str | torch.Tensor | list, method: Metho
         context_tokens=sum(len(row) for row in rows),
         kept_per_layer_head=[heads.sum(0).tolist() for heads in cache.kept_per_head()],
         bytes_held=cache.nbytes(), bytes_uncompressed=cache.peak_bytes(), seconds=seconds,
-        compressible_layers=[i for i, layer in enumerate(cache.layers) if not isinstance(layer, SlidingWindowLayer)])
+        compressible_layers=[i for i, layer in enumerate(cache.layers) if not isinstance(layer, SlidingWindowLayer)],
+        quantizer=None if codec is None else codec.spec())
     return CompressedContext(model, tokenizer, cache, ids, method, prompt, stats, mask, check_window)
 
 

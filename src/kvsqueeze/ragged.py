@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .cache import CompressibleLayer
+from .quantizers import QuantizedPages, Quantizer, quantizer
 
 
 def page_size_for(mean_tokens: float) -> int:
@@ -27,6 +28,7 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
 
     is_sliding = False
     is_croppable = False
+    codec: Quantizer | None = None
     kind = "ragged"
     saved_tensors = ("pages_k", "pages_v", "page_segment", "page_fill", "lengths", "tail_k", "tail_v", "key_channels",
                      "fresh_valid", "pads")
@@ -47,48 +49,83 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
 
     @classmethod
     def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, seen: int,
-                   page_size: int | None = None, key_channels: torch.Tensor | None = None) -> "RaggedLayer":
+                   page_size: int | None = None, key_channels: torch.Tensor | None = None,
+                   codec: Quantizer | None = None) -> "RaggedLayer":
         """Pack the tokens of keys/values [batch, heads, n, dim] where `mask` [batch, heads, n] is True.
 
         With `key_channels` [batch, heads, kept_dim], only those channels of the keys are stored (ThinK);
-        attention reads the matching channels of the queries.
+        attention reads the matching channels of the queries. With a `codec` (a quantizer), pages are its
+        groups and are stored quantized, except the most recent tokens every head keeps (up to its residual
+        window), which stay in full precision in the tail.
         """
         layer = cls()
         batch, heads, n, dim = keys.shape
-        layer.key_channels = None
+        layer.head_dim, layer.codec, layer.key_channels = dim, codec, None
+        layer.batch, layer.heads, layer.seen = batch, heads, seen
+        layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+        recent = codec.recent_run(mask) if codec is not None else 0
+        layer.tail_k, layer.tail_v = keys[..., n - recent:, :].clone(), values[..., n - recent:, :].clone()
+        if recent:
+            mask = mask.clone()
+            mask[..., n - recent:] = False
         if key_channels is not None:
             layer.key_channels = key_channels.reshape(batch * heads, -1)
             keys = keys.gather(-1, key_channels[:, :, None, :].expand(-1, -1, n, -1))
-        layer.head_dim = dim
-        dim = keys.shape[-1]
-        layer.batch, layer.heads, layer.seen = batch, heads, seen
-        layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
-        lengths = mask.sum(-1)
-        layer.lengths = lengths
-        layer.page_size = page_size or page_size_for(lengths.float().mean().item())
-        pages_per_segment = (lengths.flatten() + layer.page_size - 1) // layer.page_size
+        layer.lengths = mask.sum(-1)
+        layer.page_size = codec.group if codec is not None else page_size or page_size_for(
+            layer.lengths.float().mean().item())
+        layer.pages_k, layer.pages_v, layer.page_segment, layer.page_fill = layer._pack(keys, values, mask)
+        return layer
+
+    def _pack(self, keys, values, mask):
+        """(keys pages, values pages, page_segment, page_fill) holding the tokens where `mask` is True, each
+        segment's in order; its pages are encoded by the layer's codec, if any."""
+        batch, heads = mask.shape[:2]
+        lengths = mask.sum(-1).flatten()
+        pages_per_segment = (lengths + self.page_size - 1) // self.page_size
         first_page = torch.cumsum(pages_per_segment, 0) - pages_per_segment
         n_pages = int(pages_per_segment.sum())
         b, h, position = mask.nonzero(as_tuple=True)  # row-major: segment by segment, in token order
         segment = b * heads + h
-        rank = torch.arange(len(segment), device=keys.device) - (torch.cumsum(lengths.flatten(), 0) - lengths.flatten())[segment]
-        page = first_page[segment] + rank // layer.page_size
-        slot = rank % layer.page_size
-        layer.pages_k = keys.new_zeros(n_pages, layer.page_size, dim)
-        layer.pages_v = values.new_zeros(n_pages, layer.page_size, values.shape[-1])
-        layer.pages_k[page, slot] = keys[b, h, position]
-        layer.pages_v[page, slot] = values[b, h, position]
-        layer.page_segment = torch.repeat_interleave(torch.arange(batch * heads, device=keys.device),
-                                                     pages_per_segment)
-        page_in_segment = torch.arange(n_pages, device=keys.device) - first_page[layer.page_segment]
-        layer.page_fill = (lengths.flatten()[layer.page_segment] - page_in_segment * layer.page_size).clamp(
-            max=layer.page_size)
-        layer.tail_k = keys.new_zeros(batch, heads, 0, layer.head_dim)
-        layer.tail_v = values.new_zeros(batch, heads, 0, values.shape[-1])
-        return layer
+        rank = torch.arange(len(segment), device=keys.device) - (torch.cumsum(lengths, 0) - lengths)[segment]
+        page, slot = first_page[segment] + rank // self.page_size, rank % self.page_size
+        pages_k = keys.new_zeros(n_pages, self.page_size, keys.shape[-1])
+        pages_v = values.new_zeros(n_pages, self.page_size, values.shape[-1])
+        pages_k[page, slot] = keys[b, h, position]
+        pages_v[page, slot] = values[b, h, position]
+        page_segment = torch.repeat_interleave(torch.arange(batch * heads, device=keys.device), pages_per_segment)
+        page_in_segment = torch.arange(n_pages, device=keys.device) - first_page[page_segment]
+        page_fill = (lengths[page_segment] - page_in_segment * self.page_size).clamp(max=self.page_size)
+        if self.codec is not None:
+            pages_k, pages_v = self.codec.encode(pages_k, page_fill, "keys"), self.codec.encode(pages_v, page_fill, "values")
+        return pages_k, pages_v, page_segment, page_fill
 
     def adopt(self, tensors):
-        self.dtype, self.device, self.is_initialized = tensors["pages_k"].dtype, tensors["pages_k"].device, True
+        self.dtype, self.device, self.is_initialized = tensors["tail_k"].dtype, tensors["tail_k"].device, True
+
+    def to_saved(self):
+        tensors, numbers = super().to_saved()
+        for name in ("pages_k", "pages_v"):
+            pages = tensors.pop(name)
+            if isinstance(pages, QuantizedPages):
+                tensors |= {f"{name}.{part}": t for part, t in pages.tensors.items()}
+                numbers[f"{name}_shape"] = [pages.page_size, pages.dim]
+            else:
+                tensors[name] = pages
+        return tensors, numbers | {"codec": None if self.codec is None else self.codec.spec()}
+
+    @classmethod
+    def from_saved(cls, tensors, numbers):
+        codec, tensors = quantizer(numbers.get("codec")), dict(tensors)
+        for name, role in (("pages_k", "keys"), ("pages_v", "values")):
+            parts = {key[len(name) + 1:]: tensors.pop(key) for key in list(tensors) if key.startswith(name + ".")}
+            if parts:
+                if codec is None:
+                    raise ValueError("quantized pages without the quantizer that made them")
+                tensors[name] = QuantizedPages(codec, role, parts, numbers[f"{name}_shape"], tensors["tail_k"].dtype)
+        layer = super().from_saved(tensors, numbers)
+        layer.codec = codec
+        return layer
 
     def check(self) -> None:
         super().check()
@@ -107,6 +144,8 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         raise RuntimeError("a RaggedLayer is made from a compressed layer, never empty")
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.codec is not None:
+            self._fold()
         self.seen += key_states.shape[-2]
         self.tail_k = torch.cat([self.tail_k, key_states], dim=-2)
         self.tail_v = torch.cat([self.tail_v, value_states], dim=-2)
@@ -114,6 +153,27 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         keys = self.tail_k
         keys.kvsqueeze_layer = self  # tells the attention function to read the pages too
         return keys, self.tail_v
+
+    def _fold(self) -> None:
+        """Quantize the oldest tail tokens, whole groups at a time, while the tail holds more than the codec's
+        full-precision window (KIVI's residual): each (batch row, head) gets pages of its real ones."""
+        n = (self.tail_k.shape[-2] - self.codec.residual) // self.page_size * self.page_size
+        if n <= 0:
+            return
+        keys, values = self.tail_k[..., :n, :], self.tail_v[..., :n, :]
+        real = self.fresh_mask(self.batch, self.heads, keys.device)
+        real = torch.ones(keys.shape[:-1], dtype=torch.bool, device=keys.device) if real is None else real[..., :n]
+        if self.key_channels is not None:
+            channels = self.key_channels.view(self.batch, self.heads, 1, -1).expand(-1, -1, n, -1)
+            keys = keys.gather(-1, channels)
+        pages_k, pages_v, page_segment, page_fill = self._pack(keys, values, real)
+        self.pages_k, self.pages_v = self.pages_k.cat(pages_k), self.pages_v.cat(pages_v)
+        self.page_segment = torch.cat([self.page_segment, page_segment])
+        self.page_fill = torch.cat([self.page_fill, page_fill])
+        self.lengths = self.lengths + real.sum(-1)
+        self.tail_k, self.tail_v = self.tail_k[..., n:, :], self.tail_v[..., n:, :]
+        if self.fresh_valid is not None:
+            self.fresh_valid = self.fresh_valid[:, n:] if not bool(self.fresh_valid[:, n:].all()) else None
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -148,27 +208,37 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
 
     # -- views and edits --
 
+    def page_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pages of keys and values as tensors [pages, page_size, dim] (dequantized when the codec stores them)."""
+        if self.codec is None:
+            return self.pages_k, self.pages_v
+        return self.pages_k.dequantize(), self.pages_v.dequantize()
+
     def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys and values [batch, heads, longest + tail, dim], padded, with the mask of real tokens.
 
         Each segment's tokens come first, in order, then the tail; the padding sits between them.
         """
         batch, heads, tail = self.batch, self.heads, self.tail_k.shape[-2]
+        pages_k, pages_v = self.page_data()
         longest = int(self.lengths.max()) if self.lengths.numel() else 0
-        slots = torch.arange(self.page_size, device=self.pages_k.device)
+        slots = torch.arange(self.page_size, device=self.page_fill.device)
         valid = slots[None, :] < self.page_fill[:, None]  # [pages, page_size]
-        page_in_segment = torch.arange(self.n_pages, device=self.pages_k.device) - (
-            torch.cumsum(self._pages_per_segment(), 0) - self._pages_per_segment())[self.page_segment]
-        position = (page_in_segment[:, None] * self.page_size + slots[None, :])[valid]
+        # a segment's pages are in token order, though not adjacent once the tail was folded into new pages
+        order = torch.argsort(self.page_segment, stable=True)
+        fill = self.page_fill[order]
+        segment_start = self.lengths.flatten().cumsum(0) - self.lengths.flatten()
+        offset = torch.empty_like(fill)
+        offset[order] = fill.cumsum(0) - fill - segment_start[self.page_segment[order]]
+        position = (offset[:, None] + slots[None, :])[valid]
         segment = self.page_segment[:, None].expand(-1, self.page_size)[valid]
-        keys = self.pages_k.new_zeros(batch * heads, longest, self.head_dim)
-        values = self.pages_v.new_zeros(batch * heads, longest, self.pages_v.shape[-1])
-        page_keys = self.pages_k
+        keys = pages_k.new_zeros(batch * heads, longest, self.head_dim)
+        values = pages_v.new_zeros(batch * heads, longest, pages_v.shape[-1])
         if self.key_channels is not None:  # pruned channels come back as zeros
-            page_keys = self.pages_k.new_zeros(*self.pages_k.shape[:2], self.head_dim).scatter_(
-                -1, self.key_channels[self.page_segment][:, None, :].expand(-1, self.page_size, -1), self.pages_k)
-        keys[segment, position] = page_keys[valid]
-        values[segment, position] = self.pages_v[valid]
+            pages_k = pages_k.new_zeros(*pages_k.shape[:2], self.head_dim).scatter_(
+                -1, self.key_channels[self.page_segment][:, None, :].expand(-1, self.page_size, -1), pages_k)
+        keys[segment, position] = pages_k[valid]
+        values[segment, position] = pages_v[valid]
         real = torch.arange(longest, device=keys.device)[None, :] < self.lengths.flatten()[:, None]
         keys = torch.cat([keys.view(batch, heads, longest, self.tail_k.shape[-1]), self.tail_k], dim=2)
         values = torch.cat([values.view(batch, heads, longest, self.tail_v.shape[-1]), self.tail_v], dim=2)
@@ -177,27 +247,27 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         real = torch.cat([real.view(batch, heads, longest), tail_real], dim=2)
         return keys, values, real
 
-    def _pages_per_segment(self) -> torch.Tensor:
-        return torch.bincount(self.page_segment, minlength=self.batch * self.heads)
-
     def channels(self) -> torch.Tensor | None:
         return None if self.key_channels is None else self.key_channels.view(self.batch, self.heads, -1)
 
     def keep(self, mask: torch.Tensor) -> "RaggedLayer":
         """Keep the tokens of `dense_view()` where `mask` is True (padding is never kept)."""
         keys, values, real = self.dense_view()
-        return RaggedLayer.from_dense(keys, values, mask & real, self.seen, key_channels=self.channels()).inherit(self)
+        return RaggedLayer.from_dense(keys, values, mask & real, self.seen, key_channels=self.channels(),
+                                      codec=self.codec).inherit(self)
 
     def prune_key_channels(self, channels: torch.Tensor) -> "RaggedLayer":
         """Keep only `channels` [batch, heads, kept_dim] of the stored keys."""
         keys, values, real = self.dense_view()
-        return RaggedLayer.from_dense(keys, values, real, self.seen, self.page_size, key_channels=channels).inherit(self)
+        return RaggedLayer.from_dense(keys, values, real, self.seen, self.page_size, key_channels=channels,
+                                      codec=self.codec).inherit(self)
 
     def _rebuild(self, batch_index: torch.Tensor) -> None:
         keys, values, real = self.dense_view()
         channels = self.channels()
         rebuilt = RaggedLayer.from_dense(keys[batch_index], values[batch_index], real[batch_index], self.seen,
-                                         self.page_size, None if channels is None else channels[batch_index])
+                                         self.page_size, None if channels is None else channels[batch_index],
+                                         self.codec)
         rebuilt.inherit(self).pads = None if self.pads is None else self.pads[batch_index]
         self.__dict__.update(rebuilt.__dict__)
 

@@ -1,0 +1,181 @@
+"""What a quantizer is: a way to store a cache layer's pages of kept tokens in a few bits.
+
+A quantizer encodes pages [n_pages, page_size, dim] of keys or of values into a few named tensors whose
+first dimension is the page (packed codes, scales, outliers...), and decodes them back. Pages are the
+quantization groups: `group` tokens each. The layer keeps its `residual` most recent tokens in full
+precision and folds older ones into new quantized pages as it grows (see `ragged.RaggedLayer`).
+Bytes held are the bytes of those tensors: nothing is stored at full precision behind the scenes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+REGISTRY: dict[str, type["Quantizer"]] = {}
+
+
+class Quantizer:
+    """Base of all quantizers. Subclasses set `name` and implement `encode_keys` / `encode_values` / `decode`."""
+
+    name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            REGISTRY[cls.name] = cls
+
+    def __init__(self, bits: int, group: int, residual: int):
+        if bits not in (1, 2, 4, 8):
+            raise ValueError(f"{type(self).__name__} packs 1, 2, 4 or 8 bits per number; got {bits}")
+        if group < 1 or residual < 0:
+            raise ValueError("the group must hold at least one token and the residual window cannot be negative")
+        self.bits, self.group, self.residual = bits, group, residual
+
+    def recent_run(self, mask: torch.Tensor) -> int:
+        """How many of the most recent positions every (batch row, head) of `mask` [..., n] keeps, up to the
+        residual window: those stay in full precision."""
+        if not self.residual or mask.shape[-1] == 0:
+            return 0
+        common = mask.reshape(-1, mask.shape[-1]).all(0)
+        return int(common.flip(0)[: self.residual].long().cumprod(0).sum())
+
+    def encode(self, pages: torch.Tensor, fill: torch.Tensor, role: str) -> "QuantizedPages":
+        """Encode pages [n, page_size, dim] whose first `fill` [n] slots hold tokens (the rest is ignored)."""
+        if len(pages) == 0:  # the named tensors of no page: those of one, sliced away
+            return self.encode(pages.new_zeros(1, *pages.shape[1:]), fill.new_zeros(1), role)[:0]
+        valid = (torch.arange(pages.shape[1], device=pages.device)[None, :] < fill[:, None])[..., None]
+        encode = self.encode_keys if role == "keys" else self.encode_values
+        return QuantizedPages(self, role, encode(pages.float(), valid), pages.shape[1:], pages.dtype)
+
+    def encode_keys(self, pages: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def encode_values(self, pages: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, tensors: dict[str, torch.Tensor], role: str, page_size: int, dim: int) -> torch.Tensor:
+        """Pages [n, page_size, dim] in float32."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"bits": self.bits, "group": self.group, "residual": self.residual}
+
+    def spec(self) -> dict:
+        """What rebuilds this quantizer: its name and settings."""
+        return {"name": self.name} | self.describe()
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.describe().items())})"
+
+
+class QuantizedPages:
+    """Pages stored by a quantizer: named tensors, each with the page as first dimension; `dequantize()` decodes."""
+
+    def __init__(self, quantizer: Quantizer, role: str, tensors: dict[str, torch.Tensor], page_shape, dtype):
+        self.quantizer, self.role, self.tensors = quantizer, role, tensors
+        self.page_size, self.dim = int(page_shape[0]), int(page_shape[1])
+        self.dtype = dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self), self.page_size, self.dim)
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def dequantize(self) -> torch.Tensor:
+        if len(self) == 0:
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return self.quantizer.decode(self.tensors, self.role, self.page_size, self.dim).to(self.dtype)
+
+    def __getitem__(self, index) -> "QuantizedPages":
+        tensors = {name: t[index] for name, t in self.tensors.items()}
+        return QuantizedPages(self.quantizer, self.role, tensors, (self.page_size, self.dim), self.dtype)
+
+    def cat(self, other: "QuantizedPages") -> "QuantizedPages":
+        tensors = {name: torch.cat([t, other.tensors[name]]) for name, t in self.tensors.items()}
+        return QuantizedPages(self.quantizer, self.role, tensors, (self.page_size, self.dim), self.dtype)
+
+
+# -- building blocks the quantizers share --
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (integers below 2**bits) packed along the last dimension, 8 // bits per byte (padded with zeros)."""
+    per_byte = 8 // bits
+    codes = codes.to(torch.uint8)
+    pad = -codes.shape[-1] % per_byte
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.uint8) * bits
+    return (codes.view(*codes.shape[:-1], -1, per_byte) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The first `n` codes of each row of `pack_bits`' output, as uint8."""
+    shifts = torch.arange(8 // bits, device=packed.device, dtype=torch.uint8) * bits
+    codes = (packed[..., None] >> shifts) & (2 ** bits - 1)
+    return codes.flatten(-2)[..., :n]
+
+
+def masked_range(x: torch.Tensor, valid: torch.Tensor, dim) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of x over `dim` among the `valid` entries (0, 0 where none is)."""
+    lo = x.masked_fill(~valid, math.inf).amin(dim, keepdim=True)
+    hi = x.masked_fill(~valid, -math.inf).amax(dim, keepdim=True)
+    empty = torch.isinf(lo)
+    return lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
+
+
+def quantize_uniform(x: torch.Tensor, valid: torch.Tensor, bits: int, dim) -> dict[str, torch.Tensor]:
+    """Asymmetric round-to-nearest on 2**bits levels between the min and the max over `dim` (the group).
+
+    Scale and minimum are kept in float16, as KIVI does; codes are unpacked uint8 (packing is the caller's).
+    """
+    lo, hi = masked_range(x, valid, dim)
+    scale = ((hi - lo) / (2 ** bits - 1)).half()
+    lo = lo.half()
+    safe = scale.float().clamp(min=torch.finfo(torch.float16).tiny)
+    codes = ((x - lo.float()) / safe).round().clamp(0, 2 ** bits - 1)
+    return {"codes": codes.to(torch.uint8), "scale": scale, "zero": lo}
+
+
+def dequantize_uniform(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return codes.float() * scale.float() + zero.float()
+
+
+def split_outliers(x: torch.Tensor, valid: torch.Tensor, fraction: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Take the `fraction` of each page's entries largest in magnitude out of `x` [n, page, dim].
+
+    Returns x with those entries set to the median of their page (so they no longer stretch the ranges)
+    and the sparse part: float16 values and their flat positions in the page.
+    """
+    n, page, dim = x.shape
+    count = max(1, math.ceil(fraction * page * dim)) if fraction > 0 else 0
+    flat = x.reshape(n, page * dim)
+    magnitude = x.abs().masked_fill(~valid, -1).reshape(n, page * dim)
+    index_dtype = torch.int16 if page * dim <= 2 ** 15 else torch.int32
+    if count == 0:
+        return x, {}
+    position = magnitude.topk(count, dim=-1).indices
+    values = flat.gather(-1, position)
+    fill = x.masked_fill(~valid, float("nan")).reshape(n, -1).nanmedian(-1, keepdim=True).values.nan_to_num(0)
+    dense = flat.scatter(-1, position, fill.expand(-1, count)).view(n, page, dim)
+    return dense, {"outlier_values": values.half(), "outlier_index": position.to(index_dtype)}
+
+
+def add_outliers(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "outlier_values" not in tensors:
+        return x
+    n, page, dim = x.shape
+    position = tensors["outlier_index"].long()
+    return x.reshape(n, -1).scatter(-1, position, tensors["outlier_values"].float()).view(n, page, dim)
