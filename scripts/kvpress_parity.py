@@ -31,6 +31,7 @@ PAIRS = {
     "keydiff": (kvsqueeze.KeyDiff, {}, "KeyDiffPress", {}, False),
     "expected_attention": (kvsqueeze.ExpectedAttention, {}, "ExpectedAttentionPress", {}, False),
     "observed_attention": (kvsqueeze.ObservedAttention, {}, "ObservedAttentionPress", {}, True),
+    "lagkv": (kvsqueeze.LagKV, {}, "LagKVPress", {}, False),
 }
 
 

@@ -67,10 +67,12 @@ def build_method(name: str, ratio: float, model):
         return cls(ratio=ratio, head_scores=head_table(model))
     if name in ("decoding_budget", "h2o"):
         return cls(budget=10**6 if ratio == 0 else 64)
+    if name == "composed":  # evicts tokens, then prunes key channels of the rest
+        return cls([kvsqueeze.SnapKV(ratio=ratio), kvsqueeze.ThinK(key_channel_ratio=ratio / 2)])
     if name == "rolling_streaming_llm":
         return cls(window=10**6 if ratio == 0 else 64, interval=8)
     return cls(ratio=ratio)
 
 
-RATIO_METHODS = ["adakv", "critical_adakv", "criticalkv", "expected_attention", "headkv", "keydiff", "knorm",
-                 "observed_attention", "pyramidkv", "random", "snapkv", "streaming_llm", "tova"]
+RATIO_METHODS = ["adakv", "chunkkv", "critical_adakv", "criticalkv", "expected_attention", "headkv", "keydiff", "knorm",
+                 "lagkv", "observed_attention", "pyramidkv", "random", "snapkv", "streaming_llm", "tova"]

@@ -219,3 +219,35 @@ def test_headkv_budgets_follow_head_importance():
     counts = method.budget.layer_counts(100, 0).tolist()
     assert counts[1] > counts[0] and sum(method.budget.layer_counts(100, i).sum().item() for i in range(4)) == \
         pytest.approx(8 * 20, abs=4)
+
+
+def test_lagkv_keeps_sinks_the_last_partition_and_what_stands_out_from_the_next_partition():
+    keys = torch.randn(1, 2, 13, 16, generator=torch.Generator().manual_seed(3)) * 0.1
+    spike = torch.tensor([5.0, -5.0] * 8)
+    keys[0, :, 2], keys[0, :, 6] = spike, -spike  # the most spread token of partitions 1..4 and 5..8
+    method = kvsqueeze.LagKV(budget=7, n_sink=1, lag_size=4)
+    assert kept(method, make(keys)) == [[0, 2, 6, 9, 10, 11, 12]] * 2
+
+
+def test_lagkv_evicts_the_same_share_of_every_partition():
+    keys = torch.randn(1, 2, 4 + 8 * 16, 16, generator=torch.Generator().manual_seed(4))
+    ctx = make(keys)
+    kvsqueeze.LagKV(budget=4 + 7 * 8 + 16, n_sink=4, lag_size=16).compress(ctx)
+    positions = kept_positions(ctx)[0]
+    per_partition = torch.bincount((positions[positions >= 4] - 4) // 16, minlength=8)
+    assert per_partition.tolist() == [8] * 7 + [16]  # half of every scored partition; the last (no reference) whole
+
+
+def test_chunkkv_keeps_whole_chunks_by_their_mean_score():
+    norms = [1.0, 9.0, 2.0, 2.1, 9.0, 9.1, 3.0, 3.1, 9.2, 9.3]
+    assert kept(kvsqueeze.KNorm(budget=4), make(unique_keys(10, norms))) == [[0, 2, 3, 6]] * 2
+    chunks = kvsqueeze.ChunkKV(budget=4, scorer="knorm", chunk_length=2)
+    assert kept(chunks, make(unique_keys(10, norms))) == [[2, 3, 6, 7]] * 2
+
+
+def test_composed_methods_each_compress_what_the_previous_one_left():
+    norms = [3.0, 1.0, 2.0, 5.0, 0.5, 4.0, 2.5, 0.7, 6.0, 0.9]
+    chain = kvsqueeze.Composed([kvsqueeze.StreamingLLM(budget=6, n_sink=2), kvsqueeze.KNorm(budget=3)])
+    assert kept(chain, make(unique_keys(10, norms))) == [[1, 7, 9]] * 2
+    built = kvsqueeze.methods.build("composed", params=['methods=["streaming_llm", "think:key_channel_ratio=0.5"]'])
+    assert [m.name for m in built.methods] == ["streaming_llm", "think"] and built.needs_whole_context

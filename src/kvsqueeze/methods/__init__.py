@@ -5,6 +5,8 @@ import json
 
 from .adakv import AdaKV
 from .base import REGISTRY, Method, ScorerMethod, as_scorer
+from .chunkkv import ChunkKV
+from .composed import Composed
 from .critical_adakv import CriticalAdaKV
 from .criticalkv import CriticalKV
 from .decoding_budget import DecodingBudget
@@ -15,6 +17,7 @@ from .h2o import H2O
 from .headkv import HeadKV
 from .keydiff import KeyDiff
 from .knorm import KNorm, l2_compress
+from .lagkv import LagKV
 from .observed_attention import MissingAttentionWeights, ObservedAttention
 from .pyramidkv import PyramidKV
 from .simlayerkv import SimLayerKV
@@ -26,8 +29,8 @@ from .think import ThinK
 from .tova import TOVA
 
 
-__all__ = ["AdaKV", "CriticalAdaKV", "CriticalKV", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "H2O",
-           "HeadKV", "KeyDiff", "KNorm", "ObservedAttention", "PyramidKV", "Random", "RollingStreamingLLM", "SimLayerKV",
+__all__ = ["AdaKV", "ChunkKV", "Composed", "CriticalAdaKV", "CriticalKV", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "H2O",
+           "HeadKV", "KeyDiff", "KNorm", "LagKV", "ObservedAttention", "PyramidKV", "Random", "RollingStreamingLLM", "SimLayerKV",
            "SnapKV", "StreamingLLM", "ThinK", "TOVA"]
 
 

@@ -1,0 +1,43 @@
+import torch
+
+from ..hooks import LayerContext
+from .base import Method
+
+
+class Composed(Method):
+    """Keeps what every method of a chain keeps: each compresses, in turn, what the previous one left.
+
+    A structural wrapper (kvpress's ComposedPress): e.g. `Composed([SnapKV(ratio=0.5), ThinK()])` evicts
+    tokens, then prunes key channels of the rest. Ratios compound: two methods at 0.5 keep a quarter.
+    Methods are instances or specs as the command line gives them ("snapkv", "think:key_channel_ratio=0.5").
+    """
+
+    name = "composed"
+    phase = "both"
+
+    def __init__(self, methods: list):
+        from . import build
+
+        self.methods = [build(m) if isinstance(m, str) else m for m in methods]
+        if not self.methods:
+            raise ValueError("Composed needs at least one method")
+        self.needs_whole_context = any(m.needs_whole_context for m in self.methods)
+
+    def setup(self, model: torch.nn.Module) -> None:
+        for method in self.methods:
+            method.setup(model)
+
+    def before_forward(self, kwargs: dict) -> None:
+        for method in self.methods:
+            method.before_forward(kwargs)
+
+    def acts_on(self, ctx: LayerContext) -> bool:
+        return any(method.acts_on(ctx) for method in self.methods)
+
+    def compress(self, ctx: LayerContext) -> None:
+        for method in self.methods:
+            if method.acts_on(ctx):
+                method.compress(ctx)
+
+    def describe(self):
+        return {"methods": self.methods}
