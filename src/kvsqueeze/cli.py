@@ -3,6 +3,8 @@
     kvsqueeze                 demo: the built-in document, full cache vs the default method, side by side
     kvsqueeze ask FILE -q Q   answer a question about a file (or stdin), full vs compressed
     kvsqueeze methods         every method with what it keeps, and the quantizers
+    kvsqueeze eval -b B ...   score methods on a benchmark (resumable sweep, JSON lines, table, plots)
+    kvsqueeze report FILES    merge result files into one table and plots
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+from pathlib import Path
 import textwrap
 import time
 from importlib.resources import files
@@ -116,6 +119,61 @@ def calibrate_command(args) -> int:
     return 0
 
 
+def eval_command(args) -> int:
+    from . import evaluation, models
+
+    if args.config:
+        import yaml
+
+        settings = yaml.safe_load(Path(args.config).read_text()) or {}
+        unknown = set(settings) - set(vars(args))
+        if unknown:
+            raise ValueError(f"{args.config}: unknown settings {', '.join(sorted(unknown))}")
+        defaults = vars(parser().parse_args(["eval"]))
+        for key, value in settings.items():  # the file sets what the command line left at its default
+            if getattr(args, key) == defaults[key]:
+                setattr(args, key, ",".join(map(str, value)) if isinstance(value, list) else value)
+    if not args.benchmark:
+        raise ValueError("give a benchmark: --benchmark NAME (or in --config); available: "
+                         + ", ".join(evaluation.available()))
+    lengths = [int(n) for n in str(args.length).split(",")] if args.length else None
+    bench = evaluation.benchmark(args.benchmark, length=lengths[0] if lengths else None, lengths=lengths,
+                                 tasks=args.tasks.split(",") if args.tasks else None, data_files=args.data_files,
+                                 **method_registry.parse_params(args.param))
+    grid = evaluation.configurations(args.methods.split(","), [float(r) for r in str(args.ratios).split(",")],
+                                     [None if q == "none" else q for q in args.quant.split(",")])
+    for configuration in grid:  # fail now on a bad method or quantizer, not hours into the sweep
+        configuration.build()
+        quantizers.quantizer(configuration.quant)
+    index, _, count = args.shard.partition("/")
+    out = Path(args.out or f"results/eval/{args.benchmark}.jsonl")
+    model, tokenizer = models.load(args.model, attn_implementation=args.attn)
+    arguments = {k: v for k, v in vars(args).items() if k not in ("handler", "method", "ratio", "max_new_tokens")}
+    evaluation.sweep(model, tokenizer, bench, grid, out, samples=args.samples, seed=args.seed,
+                     shard=(int(index), int(count or 1)), query_aware=args.query_aware,
+                     metadata=evaluation.runner.run_metadata(arguments))
+    return report(evaluation.read_results(out), out.with_suffix(".png"))
+
+
+def report(rows: list[dict], plot_path: Path) -> int:
+    from .evaluation import markdown_table, plots
+
+    if not rows:
+        print("no results")
+        return 1
+    print(markdown_table(rows))
+    print(f"wrote {plots.plot_scores(rows, plot_path)}")
+    if any(row["benchmark"] == "needle" for row in rows):
+        print(f"wrote {plots.needle_heatmaps(rows, plot_path.with_name(plot_path.stem + '_heatmap.png'))}")
+    return 0
+
+
+def report_command(args) -> int:
+    from .evaluation import read_results
+
+    return report(read_results(*args.files), Path(args.plot or Path(args.files[0]).with_suffix(".png")))
+
+
 def methods_command(args) -> int:
     registry = method_registry.available()
     width = max(map(len, registry))
@@ -168,6 +226,37 @@ def parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--tokens", type=int, default=1500, help="context length of the calibration samples")
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.set_defaults(handler=calibrate_command)
+
+    evaluate = commands.add_parser(
+        "eval", help="score methods on a benchmark: a resumable sweep, results as JSON lines, a table and plots",
+        description="Run every method at every ratio (and quantizer) on a benchmark's samples; rows already in the "
+                    "output file are skipped, so an interrupted sweep resumes. Query-agnostic by default: each "
+                    "context is compressed once, then every question is asked.")
+    evaluate.add_argument("-b", "--benchmark", help="benchmark name: " + "needle, ruler, passkey, longbench, ...")
+    evaluate.add_argument("--model", default=None, help="hub id or local folder (default: the bundled SmolLM2)")
+    evaluate.add_argument("-m", "--methods", default="full,streaming_llm,snapkv,knorm",
+                          help="comma-separated method specs; 'full' is the uncompressed cache")
+    evaluate.add_argument("-r", "--ratios", default="0.25,0.5,0.75")
+    evaluate.add_argument("--quant", default="none", help="comma-separated quantizers, 'none' for no quantization")
+    evaluate.add_argument("-n", "--samples", type=int, default=10, help="samples per task")
+    evaluate.add_argument("--length", help="context length in tokens (synthetic benchmarks; needle: a list)")
+    evaluate.add_argument("--tasks", help="comma-separated subset of the benchmark's tasks")
+    evaluate.add_argument("--data-files", help="a local file in the dataset's schema instead of the hub")
+    evaluate.add_argument("-p", "--param", action="append", metavar="KEY=VALUE", help="a benchmark setting")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--shard", default="0/1", metavar="I/N", help="run every N-th sample from the I-th")
+    evaluate.add_argument("--query-aware", action="store_true", help="compress with the question visible")
+    evaluate.add_argument("--attn", default="sdpa")
+    evaluate.add_argument("-o", "--out", help="JSON lines file (default results/eval/BENCHMARK.jsonl)")
+    evaluate.add_argument("--config", help="a YAML file with any of these settings (the command line wins)")
+    evaluate.set_defaults(handler=eval_command)
+
+    reporting = commands.add_parser("report", help="merge result files (shards) into one table and plots",
+                                    description="Read eval result files, merge them (each row once), print the "
+                                                "table and write the plots.")
+    reporting.add_argument("files", nargs="+")
+    reporting.add_argument("--plot", help="PNG path (default: next to the first file)")
+    reporting.set_defaults(handler=report_command)
 
     listing = commands.add_parser("methods", help="list every method and what it keeps",
                                   description="List every method: registry name, class, what it keeps.")

@@ -1,0 +1,100 @@
+"""`kvsqueeze eval`: sweeps resume without redoing work, shards merge, tables and plots come out."""
+
+import json
+
+import pytest
+
+from kvsqueeze import cli, evaluation
+from kvsqueeze.evaluation import runner
+
+pytestmark = pytest.mark.bundled
+
+
+@pytest.fixture
+def needle():
+    return evaluation.benchmark("needle", lengths=[200, 300])
+
+
+class Interrupted(Exception):
+    """The sweep is stopped in the middle (as by Ctrl-C or a killed job)."""
+
+
+GRID = evaluation.configurations(["full", "streaming_llm"], [0.5], [None])
+
+
+def test_an_interrupted_sweep_finishes_without_redoing_what_was_done(bundled, needle, tmp_path, monkeypatch):
+    model, tokenizer = bundled
+    out = tmp_path / "needle.jsonl"
+    calls, interrupt = [], [True]
+    real_answer = runner.answer
+
+    def counting(*args, **kwargs):
+        calls.append(args[2].id)
+        if len(calls) == 3 and interrupt and interrupt.pop():
+            raise Interrupted
+        return real_answer(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "answer", counting)
+    with pytest.raises(Interrupted):
+        evaluation.sweep(model, tokenizer, needle, GRID, out, samples=2, progress=False)
+    assert len(evaluation.read_results(out)) == 2
+    calls.clear()
+    written = evaluation.sweep(model, tokenizer, needle, GRID, out, samples=2, progress=False)
+    assert len(calls) == 6 and len(written) == 6  # 2 configurations x 4 samples, 2 of them done before
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 8 == len({runner.row_key(r) for r in rows})
+    calls.clear()
+    assert evaluation.sweep(model, tokenizer, needle, GRID, out, samples=2, progress=False) == [] and not calls
+
+
+def test_shards_split_the_samples_and_merge_back(bundled, needle, tmp_path):
+    model, tokenizer = bundled
+    grid = GRID[:1]
+    for i in range(2):
+        evaluation.sweep(model, tokenizer, needle, grid, tmp_path / f"shard{i}.jsonl", samples=2, shard=(i, 2),
+                         progress=False)
+    parts = [evaluation.read_results(tmp_path / f"shard{i}.jsonl") for i in range(2)]
+    assert len(parts[0]) == len(parts[1]) == 2
+    assert not {runner.row_key(r) for r in parts[0]} & {runner.row_key(r) for r in parts[1]}
+    merged = evaluation.read_results(tmp_path / "shard0.jsonl", tmp_path / "shard1.jsonl", tmp_path / "shard0.jsonl")
+    assert len(merged) == 4
+    with pytest.raises(ValueError, match="shard"):
+        evaluation.sweep(model, tokenizer, needle, grid, tmp_path / "x.jsonl", shard=(2, 2))
+
+
+def test_rows_carry_the_measured_compression_and_the_run_metadata(bundled, needle, tmp_path):
+    model, tokenizer = bundled
+    rows = evaluation.sweep(model, tokenizer, needle, GRID, tmp_path / "r.jsonl", samples=1, progress=False,
+                            metadata=runner.run_metadata({"why": "test"}))
+    full, streaming = rows[0], rows[-1]
+    assert full["score"] == 100.0 and full["answers"][0] in full["prediction"]
+    assert full["bytes_held"] == full["bytes_uncompressed"] and full["compression_ratio"] == 0
+    assert streaming["bytes_held"] < 0.55 * streaming["bytes_uncompressed"]
+    assert streaming["compression_ratio"] == pytest.approx(0.5, abs=0.02)
+    run = full["run"]
+    assert run["versions"]["transformers"] and run["arguments"] == {"why": "test"} and run["device"]
+    table = evaluation.markdown_table(rows)
+    assert "| full | — | — | 100.0 | 100.0 | 100.0 | 100% |" in table
+
+
+def test_query_aware_compression_sees_the_question(bundled, tmp_path):
+    model, tokenizer = bundled
+    needle = evaluation.benchmark("needle", lengths=[400], depths=[0.1])
+    grid = evaluation.configurations(["snapkv"], [0.5], [None])
+    rows = evaluation.sweep(model, tokenizer, needle, grid, tmp_path / "q.jsonl", query_aware=True, progress=False)
+    assert rows[0]["query_aware"] and rows[0]["context_tokens"] > 400  # the question is part of the context
+
+
+def test_the_eval_command_reads_a_yaml_sweep_and_writes_table_and_plots(tmp_path, capsys):
+    config = tmp_path / "sweep.yaml"
+    config.write_text("benchmark: needle\nlength: [200]\nmethods: [full, knorm]\nratios: [0.5]\nsamples: 2\n")
+    out = tmp_path / "results" / "needle.jsonl"
+    assert cli.main(["eval", "--config", str(config), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| knorm | 0.5 | — |" in printed
+    assert out.with_suffix(".png").exists() and (out.parent / "needle_heatmap.png").exists()
+    assert cli.main(["report", str(out), "--plot", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").exists()
+    assert cli.main(["eval", "-b", "nonesuch"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
+    assert cli.main(["eval", "-b", "needle", "-m", "nonesuch"]) == 2
