@@ -17,7 +17,7 @@ import torch
 from transformers import StoppingCriteria
 
 import kvsqueeze
-from long_context import rss_kib  # the sibling benchmark's reader of /proc/self/status
+from kvsqueeze.bench import rss_kib
 
 
 class Sampler(StoppingCriteria):

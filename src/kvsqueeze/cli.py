@@ -5,6 +5,7 @@
     kvsqueeze methods         every method with what it keeps, and the quantizers
     kvsqueeze eval -b B ...   score methods on a benchmark (resumable sweep, JSON lines, table, plots)
     kvsqueeze report FILES    merge result files into one table and plots
+    kvsqueeze bench           memory and speed against context length, with plots
 """
 
 from __future__ import annotations
@@ -251,6 +252,10 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", help="a YAML file with any of these settings (the command line wins)")
     evaluate.set_defaults(handler=eval_command)
 
+    benching = commands.add_parser("bench", add_help=False, help="peak memory, prefill time, decoding speed and "
+                                   "cache bytes against context length, with plots (kvsqueeze bench --help)")
+    benching.set_defaults(handler=None)
+
     reporting = commands.add_parser("report", help="merge result files (shards) into one table and plots",
                                     description="Read eval result files, merge them (each row once), print the "
                                                 "table and write the plots.")
@@ -265,6 +270,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: it re-runs itself in a fresh process per measurement
+        from . import bench
+
+        return bench.main(argv[1:])
     args = parser().parse_args(argv)
     handler = getattr(args, "handler", demo_command)
     try:

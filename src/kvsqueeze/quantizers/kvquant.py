@@ -5,22 +5,30 @@ import torch
 from .base import Quantizer, add_outliers, masked_range, pack_bits, split_outliers, unpack_bits
 
 
+def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the sorted `levels` [n, L] for every value of x [n, m]."""
+    midpoints = (levels[:, 1:] + levels[:, :-1]) / 2
+    return torch.searchsorted(midpoints.contiguous(), x.contiguous())
+
+
 def fit_levels(x: torch.Tensor, valid: torch.Tensor, n_levels: int, iterations: int = 8) -> torch.Tensor:
-    """Per page, `n_levels` levels fitted to the values of x [n, ...] in [0, 1] by 1-D k-means (Lloyd).
+    """Per page, `n_levels` sorted levels fitted to the values of x [n, ...] by 1-D k-means (Lloyd).
 
     Starts from the quantiles, so the levels follow the distribution (denser where values are).
     """
     n = x.shape[0]
     flat, keep = x.reshape(n, -1), valid.expand_as(x).reshape(n, -1)
-    quantiles = torch.linspace(0, 1, n_levels, device=x.device)
-    levels = torch.nanquantile(flat.masked_fill(~keep, float("nan")), quantiles, dim=-1).T.nan_to_num(0).contiguous()
+    ordered = flat.masked_fill(~keep, float("inf")).sort(-1).values
+    count = keep.sum(-1, keepdim=True).clamp(min=1)
+    at = (torch.linspace(0, 1, n_levels, device=x.device)[None, :] * (count - 1)).round().long()
+    levels = ordered.gather(1, at).masked_fill(keep.sum(-1, keepdim=True) == 0, 0)
+    weight = keep.float()
     for _ in range(iterations):
-        nearest = (flat[..., None] - levels[:, None, :]).abs().argmin(-1)
-        one_hot = torch.nn.functional.one_hot(nearest, n_levels).float() * keep[..., None]
-        counts = one_hot.sum(1)
-        sums = (one_hot * flat[..., None]).sum(1)
-        levels = torch.where(counts > 0, sums / counts.clamp(min=1), levels)
-    return levels.sort(-1).values
+        nearest = nearest_level(flat, levels)
+        sums = torch.zeros_like(levels).scatter_add_(1, nearest, flat * weight)
+        counts = torch.zeros_like(levels).scatter_add_(1, nearest, weight)
+        levels = torch.where(counts > 0, sums / counts.clamp(min=1), levels).sort(-1).values
+    return levels
 
 
 class KVQuant(Quantizer):
@@ -50,7 +58,7 @@ class KVQuant(Quantizer):
         lo, span = lo.half(), (hi - lo).half()
         unit = (dense - lo.float()) / span.float().clamp(min=torch.finfo(torch.float16).tiny)
         levels = fit_levels(unit, valid, 2 ** self.bits).half()
-        codes = (unit[..., None] - levels.float()[:, None, None, :]).abs().argmin(-1)
+        codes = nearest_level(unit.flatten(1), levels.float()).view(unit.shape)
         return {"codes": pack_bits(codes, self.bits), "levels": levels, "zero": lo, "span": span} | sparse
 
     def encode_keys(self, pages, valid):
