@@ -49,6 +49,12 @@ def head_table(model, seed: int = 0) -> torch.Tensor:
     return torch.rand(config.num_hidden_layers, config.num_key_value_heads, generator=torch.Generator().manual_seed(seed))
 
 
+def layer_types(config):
+    from kvsqueeze.cache import layer_types as types
+
+    return types(config)
+
+
 def build_method(name: str, ratio: float, model):
     """Any registered method at a compression ratio; methods without a ratio get settings that remove about as much
     (at ratio 0: nothing at all)."""
@@ -67,6 +73,9 @@ def build_method(name: str, ratio: float, model):
         return cls(ratio=ratio, head_scores=head_table(model))
     if name in ("decoding_budget", "h2o"):
         return cls(budget=10**6 if ratio == 0 else 64)
+    if name == "per_layer_compression":  # the ratio on average: half of it in the first layers, 1.5x in the last
+        n = sum(kind == "full_attention" for kind in layer_types(model.config))
+        return cls(ratios=[ratio * (0.5 + i / max(n - 1, 1)) for i in range(n)])
     if name == "composed":  # evicts tokens, then prunes key channels of the rest
         return cls([kvsqueeze.SnapKV(ratio=ratio), kvsqueeze.ThinK(key_channel_ratio=ratio / 2)])
     if name == "rolling_streaming_llm":

@@ -251,3 +251,15 @@ def test_composed_methods_each_compress_what_the_previous_one_left():
     assert kept(chain, make(unique_keys(10, norms))) == [[1, 7, 9]] * 2
     built = kvsqueeze.methods.build("composed", params=['methods=["streaming_llm", "think:key_channel_ratio=0.5"]'])
     assert [m.name for m in built.methods] == ["streaming_llm", "think"] and built.needs_whole_context
+
+
+def test_per_layer_compression_gives_each_layer_its_ratio():
+    from conftest import random_ids
+
+    ratios = [0.0, 0.25, 0.5, 0.75]
+    ctx = kvsqueeze.compress(MODEL, None, random_ids(100), kvsqueeze.PerLayerCompression(ratios))
+    assert [layer.stored for layer in ctx.cache.layers] == [100, 75, 50, 25]
+    with pytest.raises(ValueError, match="4 compressible layers"):
+        kvsqueeze.compress(MODEL, None, random_ids(100), kvsqueeze.PerLayerCompression([0.5, 0.5]))
+    with pytest.raises(ValueError, match="ratio"):
+        kvsqueeze.PerLayerCompression([0.5, 1.0, 0.5, 0.5])

@@ -97,4 +97,4 @@ def test_every_method_is_registered_and_summarised():
     for name, cls in kvsqueeze.available().items():
         assert cls.name == name and getattr(kvsqueeze, cls.__name__) is cls
         assert cls.summary() and cls.summary().startswith("Keeps")
-        assert "arXiv" in cls.__doc__ or name in ("random", "decoding_budget", "composed")  # a baseline, wrappers
+        assert "arXiv" in cls.__doc__ or name in ("random", "decoding_budget", "composed", "per_layer_compression")  # a baseline, wrappers

@@ -74,6 +74,23 @@ class Uniform(Budget):
         return {"ratio": self.ratio} if self.tokens is None else {"budget": self.tokens}
 
 
+class PerLayer(Budget):
+    """A ratio per compressible layer, in layer order: layer i removes `ratios[i]` of its tokens."""
+
+    def __init__(self, ratios: list[float]):
+        self.ratios = [check_ratio(r) for r in ratios]
+        if not self.ratios:
+            raise ValueError("give one ratio per compressible layer")
+
+    def n_keep(self, seen, layer_idx=0, n_layers=1):
+        if n_layers != len(self.ratios):
+            raise ValueError(f"{len(self.ratios)} ratios for a model with {n_layers} compressible layers")
+        return Uniform(ratio=self.ratios[layer_idx]).n_keep(seen)
+
+    def describe(self) -> dict:
+        return {"ratios": self.ratios}
+
+
 class Pyramid(Budget):
     """PyramidKV's layer schedule: budgets shrink linearly from the first layer to the last.
 

@@ -18,6 +18,7 @@ from .headkv import HeadKV
 from .keydiff import KeyDiff
 from .knorm import KNorm, l2_compress
 from .lagkv import LagKV
+from .per_layer_compression import PerLayerCompression
 from .observed_attention import MissingAttentionWeights, ObservedAttention
 from .pyramidkv import PyramidKV
 from .simlayerkv import SimLayerKV
@@ -30,7 +31,7 @@ from .tova import TOVA
 
 
 __all__ = ["AdaKV", "ChunkKV", "Composed", "CriticalAdaKV", "CriticalKV", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "H2O",
-           "HeadKV", "KeyDiff", "KNorm", "LagKV", "ObservedAttention", "PyramidKV", "Random", "RollingStreamingLLM", "SimLayerKV",
+           "HeadKV", "KeyDiff", "KNorm", "LagKV", "ObservedAttention", "PerLayerCompression", "PyramidKV", "Random", "RollingStreamingLLM", "SimLayerKV",
            "SnapKV", "StreamingLLM", "ThinK", "TOVA"]
 
 
