@@ -19,7 +19,7 @@ import copy
 from typing import ClassVar
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import BaseQuantizedLayer, Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 
 class MeasuredLayer:
@@ -324,12 +324,12 @@ class SqueezeCache(Cache):
         """Layer `layer_idx` keeps the tokens where `mask` is True: densely if every head keeps as many, else ragged."""
         self.layers[layer_idx] = self.layers[layer_idx].keep(mask)
 
-    def quantize(self) -> None:
-        """Store quantized every layer that has a quantizer and still holds full-precision tokens.
-
-        A method's compression quantizes the layers it compresses; this covers the rest (quantization alone,
-        layers a method leaves whole)."""
-        for i, layer in enumerate(self.layers):
+    def quantize(self, layer_idx: int | None = None) -> None:
+        """Store quantized every layer (or layer `layer_idx`) that has a quantizer and still holds full-precision
+        tokens. A method's compression quantizes the layers it compresses; this covers the rest (quantization
+        alone, layers a method leaves whole)."""
+        for i in range(len(self.layers)) if layer_idx is None else [layer_idx]:
+            layer = self.layers[i]
             if isinstance(layer, EvictingLayer) and layer.codec is not None and layer.stored:
                 self.layers[i] = layer.keep(layer.real_mask())
 
@@ -359,13 +359,45 @@ class SqueezeCache(Cache):
         return [layer.kept_per_head() for layer in self.layers]
 
 
+def quantizer_like(layer: BaseQuantizedLayer):
+    """kvsqueeze's quantizer for what a transformers quantized layer (quanto, HQQ backends) stores: the same bits
+    and full-precision residual window, KIVI's layout (keys per channel, values per token)."""
+    from .quantizers import KIVI
+
+    return KIVI(bits=getattr(layer, "nbits", 4), residual=getattr(layer, "residual_length", 128))
+
+
+def quantized_contents(layer: BaseQuantizedLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values a transformers quantized layer holds, decoded by its own backend, then its residual ones."""
+    if layer._quantized_keys is None:
+        return layer.keys, layer.values
+    keys, values = layer._dequantize(layer._quantized_keys), layer._dequantize(layer._quantized_values)
+    if hasattr(layer, "_apply_pending_reorder"):
+        keys, values = layer._apply_pending_reorder(keys, values)
+    if layer.keys is not None and layer.keys.dim() == 4:
+        keys, values = torch.cat([keys, layer.keys], dim=-2), torch.cat([values, layer.values], dim=-2)
+    return keys, values
+
+
 def as_squeeze_cache(past) -> SqueezeCache:
-    """A SqueezeCache sharing the tensors of `past`: a transformers Cache or a list of (keys, values) per layer."""
+    """A SqueezeCache with the tokens of `past`: a transformers Cache or a list of (keys, values) per layer.
+
+    Dense tensors are shared, not copied. The layers of a transformers quantized cache (quanto, HQQ) are
+    decoded by their backend and get kvsqueeze's matching quantizer (`quantizer_like`): a method evicts
+    from the decoded tokens and the layer stores what it keeps quantized again (`SqueezeCache.quantize`
+    stores the others).
+    """
     if isinstance(past, SqueezeCache):
         return past.fork()
     layers = []
     for source in (past.layers if isinstance(past, Cache) else past):
-        if isinstance(source, DynamicSlidingWindowLayer):
+        if isinstance(source, BaseQuantizedLayer):
+            keys, values = quantized_contents(source)
+            layer = EvictingLayer()
+            layer.codec = quantizer_like(source)
+            if keys is not None and keys.numel():
+                layer.update(keys, values)
+        elif isinstance(source, DynamicSlidingWindowLayer):
             layer = SlidingWindowLayer(sliding_window=source.sliding_window)
             layer.__dict__.update(source.__dict__)
         elif isinstance(source, DynamicLayer) or isinstance(source, (tuple, list)):

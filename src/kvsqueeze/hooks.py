@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, QuantizedCache
+from transformers.cache_utils import BaseQuantizedLayer
 
 from . import attention
-from .cache import EvictingLayer, SqueezeCache, layer_types
+from .cache import EvictingLayer, SqueezeCache, as_squeeze_cache, layer_types
 from .ragged import RaggedLayer
 
 if TYPE_CHECKING:
@@ -220,20 +221,33 @@ class LayerContext:
 
 
 def _model_pre_hook(model: nn.Module, method: "Method"):
-    """A pre-hook on the model's forward: gives it a SqueezeCache when it was called with none (or with an empty
-    default cache), then lets the method see the forward's arguments."""
+    """A pre-hook on the model's forward: gives it a SqueezeCache when it was called with none, with an empty
+    default cache, or with a transformers quantized cache (whose quantization the SqueezeCache takes over,
+    see `cache.as_squeeze_cache`), then lets the method see the forward's arguments."""
 
     def pre_hook(module, args, kwargs):
         cache = kwargs.get("past_key_values")
         if kwargs.get("use_cache") is not False and not isinstance(cache, SqueezeCache):
             if cache is None or (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0):
                 kwargs["past_key_values"] = SqueezeCache(model.config)
+            elif isinstance(cache, QuantizedCache):
+                kwargs["past_key_values"] = quantized_squeeze_cache(model, cache)
             else:
                 raise TypeError(f"kvsqueeze methods compress a SqueezeCache; got a filled {type(cache).__name__}")
         method.before_forward(kwargs)
         return args, kwargs
 
     return pre_hook
+
+
+def quantized_squeeze_cache(model: nn.Module, cache: QuantizedCache) -> SqueezeCache:
+    """The SqueezeCache that takes over a transformers quantized cache: its tokens, stored at its bits."""
+    from .cache import quantizer_like
+
+    if cache.get_seq_length():
+        return as_squeeze_cache(cache)  # quantized again layer by layer, after each attends
+    quantized = next(layer for layer in cache.layers if isinstance(layer, BaseQuantizedLayer))
+    return SqueezeCache(model.config, quantizer=quantizer_like(quantized))
 
 
 @contextmanager
@@ -262,6 +276,7 @@ def hooked(model: nn.Module, method: "Method"):
         if method.acts_on(ctx):
             with torch.no_grad():
                 method.compress(ctx)
+        cache.quantize(module.layer_idx)
 
     decoder = getattr(model, "base_model", model)  # model(...), generate and kvsqueeze's prefill all go through it
     handles = [decoder.register_forward_pre_hook(_model_pre_hook(model, method), with_kwargs=True)]

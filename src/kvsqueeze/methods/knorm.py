@@ -51,4 +51,5 @@ def l2_compress(past_key_values, keep_ratio: float = 1.0, prune_after: int = 204
         n_keep = math.ceil(keep_ratio * layer.stored)
         if n_keep < layer.stored:
             cache.keep(index, top_k_mask(-layer.keys.float().norm(dim=-1), n_keep))
+    cache.quantize()  # the layers of a transformers quantized cache are stored quantized again
     return cache
