@@ -1,9 +1,8 @@
 from ..budgets import HeadAdaptive
-from ..hooks import LayerContext
-from .base import ScorerMethod, as_scorer
+from .base import ScorerWrapper
 
 
-class AdaKV(ScorerMethod):
+class AdaKV(ScorerWrapper):
     """Keeps a layer's highest-scoring tokens across all its heads, each head keeping at least a safeguard share.
 
     Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient LLM
@@ -17,15 +16,5 @@ class AdaKV(ScorerMethod):
     name = "adakv"
 
     def __init__(self, ratio=None, budget=None, scorer="snapkv", alpha_safeguard: float = 0.2):
-        super().__init__(ratio, budget)
-        self.scorer = as_scorer(scorer)
+        super().__init__(ratio, budget, scorer)
         self.budget = HeadAdaptive(self.budget, alpha_safeguard)
-
-    def setup(self, model):
-        self.scorer.setup(model)
-
-    def score(self, ctx: LayerContext):
-        return self.scorer.score(ctx)
-
-    def settings(self):
-        return {"scorer": self.scorer.name}

@@ -112,3 +112,21 @@ class ScorerMethod(Method):
     def settings(self) -> dict:
         """Method-specific settings for `describe()`."""
         return {}
+
+
+class ScorerWrapper(ScorerMethod):
+    """A method that keeps tokens by another scorer's scores (a registry name or an instance) and decides
+    differently where: across heads (AdaKV), by chunks (ChunkKV), per layer (PerLayerCompression)."""
+
+    def __init__(self, ratio=None, budget=None, scorer="snapkv"):
+        super().__init__(ratio, budget)
+        self.scorer = as_scorer(scorer)
+
+    def setup(self, model):
+        self.scorer.setup(model)
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        return self.scorer.score(ctx)
+
+    def settings(self) -> dict:
+        return {"scorer": self.scorer.name}

@@ -2,10 +2,10 @@ import torch
 
 from ..budgets import top_k_per_head
 from ..hooks import LayerContext
-from .base import ScorerMethod, as_scorer
+from .base import ScorerWrapper
 
 
-class ChunkKV(ScorerMethod):
+class ChunkKV(ScorerWrapper):
     """Keeps whole chunks of consecutive tokens: those a scorer rates highest, averaged over the chunk and the heads.
 
     Liu et al., "ChunkKV: Semantic-Preserving KV Cache Compression for Efficient Long-Context LLM
@@ -18,16 +18,10 @@ class ChunkKV(ScorerMethod):
     name = "chunkkv"
 
     def __init__(self, ratio=None, budget=None, scorer="snapkv", chunk_length: int = 10):
-        super().__init__(ratio, budget)
+        super().__init__(ratio, budget, scorer)
         if chunk_length < 1:
             raise ValueError(f"chunk_length must be >= 1; got {chunk_length}")
-        self.scorer, self.chunk_length = as_scorer(scorer), chunk_length
-
-    def setup(self, model):
-        self.scorer.setup(model)
-
-    def score(self, ctx: LayerContext) -> torch.Tensor:
-        return self.scorer.score(ctx)
+        self.chunk_length = chunk_length
 
     def keep_mask(self, ctx: LayerContext) -> torch.Tensor:
         scores, rank = self.scores(ctx).float(), ctx.rank
@@ -42,4 +36,4 @@ class ChunkKV(ScorerMethod):
         return kept_chunks[:, 0].gather(-1, chunk.flatten(1)).view(chunk.shape) & valid
 
     def settings(self):
-        return {"scorer": self.scorer.name, "chunk_length": self.chunk_length}
+        return super().settings() | {"chunk_length": self.chunk_length}

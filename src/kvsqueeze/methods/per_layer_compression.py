@@ -1,9 +1,8 @@
 from ..budgets import PerLayer
-from ..hooks import LayerContext
-from .base import ScorerMethod, as_scorer
+from .base import ScorerWrapper
 
 
-class PerLayerCompression(ScorerMethod):
+class PerLayerCompression(ScorerWrapper):
     """Keeps a scorer's best tokens with a ratio of its own in every layer (`ratios`, one per compressible layer).
 
     A structural wrapper (kvpress's PerLayerCompressionPress), for schedules found offline or by hand,
@@ -14,14 +13,5 @@ class PerLayerCompression(ScorerMethod):
     name = "per_layer_compression"
 
     def __init__(self, ratios: list[float], scorer="knorm"):
-        self.scorer = as_scorer(scorer)
+        super().__init__(scorer=scorer)
         self.budget = PerLayer(ratios)
-
-    def setup(self, model):
-        self.scorer.setup(model)
-
-    def score(self, ctx: LayerContext):
-        return self.scorer.score(ctx)
-
-    def settings(self):
-        return {"scorer": self.scorer.name}

@@ -7,7 +7,18 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from ..base import Question, Sample
+from ..base import Benchmark, Question, Sample
+
+
+class HubBenchmark(Benchmark):
+    """A benchmark read from the hub, or from local files in its schema: `tasks` (a subset of the class's),
+    `data_files` (a path for one task, or {task: path}), `max_length` (the token budget contexts are cut to)."""
+
+    def __init__(self, tasks: list[str] | None = None, data_files: str | dict | None = None,
+                 max_length: int | None = None):
+        self.files = task_files(tasks, data_files, type(self).tasks, self.name)
+        self.tasks = tuple(self.files)
+        self.max_length = max_length
 
 
 def load_rows(hub_id: str, config: str | None, split: str, data_files: str | None = None, **kwargs) -> list[dict]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from ..base import Benchmark, Question
+from ..base import Question
 from . import hub
 from .metrics import qa_f1, qa_f1_zh, rouge_l, rouge_tokens
 
@@ -151,19 +151,13 @@ def dialogue_score(prediction: str, label: list[str]) -> bool:
     return label[0].upper() in [word.upper() for word in words(prediction.strip())]
 
 
-class InfiniteBench(Benchmark):
+class InfiniteBench(hub.HubBenchmark):
     """InfiniteBench (arXiv:2402.13718); `data_files`: a local JSON lines file in its schema (`id`, `context`,
     `input`, `answer`, `options`) for one task, or {task: path}."""
 
     name = "infinitebench"
     tasks = TASKS
     hub_id = "xinrongzhang2022/InfiniteBench"
-
-    def __init__(self, tasks: list[str] | None = None, data_files: str | dict | None = None,
-                 max_length: int | None = None):
-        self.files = hub.task_files(tasks, data_files, TASKS, self.name)
-        self.tasks = tuple(self.files)
-        self.max_length = max_length
 
     def samples(self, tokenizer, n=None, seed=0):
         out = []

@@ -12,7 +12,7 @@ import difflib
 import re
 from functools import partial
 
-from ..base import Benchmark, Question
+from ..base import Question
 from . import hub
 from .metrics import best, qa_f1, qa_f1_zh, rouge_l, rouge_l_zh
 
@@ -125,7 +125,7 @@ METRICS = {
 }
 
 
-class LongBench(Benchmark):
+class LongBench(hub.HubBenchmark):
     """LongBench (arXiv:2308.14508), one task per hub config, split "test"; or local files in its schema
     (`input`, `context`, `answers`, `length`, `dataset`, `language`, `all_classes`, `_id`): `data_files` is a
     path for one task or {task: path}."""
@@ -134,12 +134,6 @@ class LongBench(Benchmark):
     tasks = TASKS
     hub_id = "THUDM/LongBench"
     config_suffix = ""
-
-    def __init__(self, tasks: list[str] | None = None, data_files: str | dict | None = None,
-                 max_length: int | None = None):
-        self.files = hub.task_files(tasks, data_files, type(self).tasks, self.name)
-        self.tasks = tuple(self.files)
-        self.max_length = max_length
 
     def metadata(self, row: dict) -> dict:
         return {"length": row.get("length"), "language": row.get("language")}

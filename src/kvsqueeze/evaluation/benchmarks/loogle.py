@@ -15,7 +15,7 @@ import ast
 import json
 import re
 
-from ..base import Benchmark, Question
+from ..base import Question
 from . import hub
 from .metrics import best, qa_f1, rouge_l
 
@@ -76,19 +76,13 @@ def qa_pairs(row: dict) -> list[tuple[str, object]]:
     return [(pair["Q"], pair["A"]) for pair in parse(pairs)]
 
 
-class LooGLE(Benchmark):
+class LooGLE(hub.HubBenchmark):
     """LooGLE (arXiv:2311.04939); `data_files`: a local file in either hub schema, a path for one task or
     {task: path}."""
 
     name = "loogle"
     tasks = TASKS
     hub_id = "bigai-nlco/LooGLE"
-
-    def __init__(self, tasks: list[str] | None = None, data_files: str | dict | None = None,
-                 max_length: int | None = None):
-        self.files = hub.task_files(tasks, data_files, TASKS, self.name)
-        self.tasks = tuple(self.files)
-        self.max_length = max_length
 
     def samples(self, tokenizer, n=None, seed=0):
         out = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import string
 
-from ..base import Benchmark, Question
+from ..base import Question
 from . import hub
 from .metrics import ascii_fold, best, qa_f1, rouge_mean
 
@@ -76,7 +76,7 @@ METRICS = {"gov_report": rouge_mean, "summ_screen_fd": rouge_mean, "qmsum": roug
            "space_digest": exp_similarity, "book_sum_sort": concordance_index}
 
 
-class ZeroScrolls(Benchmark):
+class ZeroScrolls(hub.HubBenchmark):
     """Zero-SCROLLS (arXiv:2305.14196); `data_files`: a local file in its schema (`id`, `pid`, `input`, `output`,
     `document_start_index`, `document_end_index`, `query_start_index`, `query_end_index`,
     `truncation_seperator`), a path for one task or {task: path}. Rows with one id are one question with
@@ -88,9 +88,7 @@ class ZeroScrolls(Benchmark):
 
     def __init__(self, tasks: list[str] | None = None, data_files: str | dict | None = None,
                  max_length: int | None = None, split: str = "validation"):
-        self.files = hub.task_files(tasks, data_files, TASKS, self.name)
-        self.tasks = tuple(self.files)
-        self.max_length = max_length
+        super().__init__(tasks, data_files, max_length)
         self.split = split
 
     def samples(self, tokenizer, n=None, seed=0):
