@@ -32,6 +32,7 @@ PAIRS = {
     "expected_attention": (kvsqueeze.ExpectedAttention, {}, "ExpectedAttentionPress", {}, False),
     "observed_attention": (kvsqueeze.ObservedAttention, {}, "ObservedAttentionPress", {}, True),
     "lagkv": (kvsqueeze.LagKV, {}, "LagKVPress", {}, False),
+    "non_causal_attention": (kvsqueeze.NonCausalAttention, {}, "NonCausalAttnPress", {}, False),
 }
 
 

@@ -263,3 +263,35 @@ def test_per_layer_compression_gives_each_layer_its_ratio():
         kvsqueeze.compress(MODEL, None, random_ids(100), kvsqueeze.PerLayerCompression([0.5, 0.5]))
     with pytest.raises(ValueError, match="ratio"):
         kvsqueeze.PerLayerCompression([0.5, 1.0, 0.5, 0.5])
+
+
+def identity_rotary(n):
+    return torch.ones(1, n, 16), torch.zeros(1, n, 16)  # cos, sin: pre-RoPE keys are the keys themselves
+
+
+def test_leverage_score_keeps_the_key_off_the_others_subspace():
+    g = torch.Generator().manual_seed(5)
+    direction = torch.randn(16, generator=g)
+    keys = torch.randn(1, 2, 20, 1, generator=g) * direction + 0.01 * torch.randn(1, 2, 20, 16, generator=g)
+    keys[0, :, 7] = torch.randn(16, generator=g) * 3  # the one key pointing elsewhere
+    ctx = make(keys, queries=torch.randn(1, 4, 20, 16, generator=g))
+    ctx.position_embeddings = identity_rotary(20)
+    assert kept(kvsqueeze.LeverageScore(budget=1), ctx) == [[7], [7]]
+
+
+def test_non_causal_attention_counts_attention_from_earlier_queries_to_later_keys():
+    keys = unique_keys(12)
+    queries = (keys[:, :, 9] * 20).repeat_interleave(2, 1)[:, :, None, :].expand(1, 4, 12, 16).clone()
+    ctx = make(keys, queries=queries)  # every query, the first ones included, looks at token 9
+    # the scores are smoothed over 3 neighbours: token 9 and the two beside it
+    assert kept(kvsqueeze.NonCausalAttention(budget=3, chunk_size=16), ctx) == [[8, 9, 10], [8, 9, 10]]
+
+
+def test_compactor_protects_sinks_and_the_last_tokens():
+    g = torch.Generator().manual_seed(6)
+    keys = unique_keys(30)
+    ctx = make(keys, queries=torch.randn(1, 4, 30, 16, generator=g))
+    ctx.position_embeddings = identity_rotary(30)
+    kept_sets = kept(kvsqueeze.Compactor(budget=14), ctx)
+    for positions in kept_sets:
+        assert set(range(8)) | set(range(26, 30)) <= set(positions) and len(positions) == 14

@@ -176,15 +176,24 @@ class LayerContext:
                                "through kvsqueeze (kvsqueeze.attention.install)?")
         return self.captured_queries
 
+    def unrotate(self, states: torch.Tensor) -> torch.Tensor:
+        """`states` [batch, heads, new, dim] of this forward's tokens before the rotary embedding (its inverse)."""
+        if self.position_embeddings is None:
+            raise RuntimeError(f"{type(self.module).__name__} gets no rotary position embeddings from its caller")
+        cos, sin = (t.unsqueeze(1).to(states.dtype) for t in self.position_embeddings)
+        rotary = cos.shape[-1]
+        rotated, passed = states[..., :rotary], states[..., rotary:]
+        return torch.cat([rotated * cos - rotate_half(rotated) * sin, passed], dim=-1)
+
     @cached_property
     def pre_rope_queries(self) -> torch.Tensor:
         """Queries before the rotary embedding (the inverse rotation of `queries`)."""
-        if self.position_embeddings is None:
-            raise RuntimeError(f"{type(self.module).__name__} gets no rotary position embeddings from its caller")
-        cos, sin = (t.unsqueeze(1).to(self.queries.dtype) for t in self.position_embeddings)
-        rotary = cos.shape[-1]
-        q_rot, q_pass = self.queries[..., :rotary], self.queries[..., rotary:]
-        return torch.cat([q_rot * cos - rotate_half(q_rot) * sin, q_pass], dim=-1)
+        return self.unrotate(self.queries)
+
+    @cached_property
+    def pre_rope_keys(self) -> torch.Tensor:
+        """Keys of this forward's tokens (the last `n_new` stored) before the rotary embedding."""
+        return self.unrotate(self.keys[..., -self.n_new:, :])
 
     def rotary_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's rotary (cos, sin) for logical `positions` (e.g. future ones), each [1, len(positions), rotary_dim]."""

@@ -6,6 +6,7 @@ import json
 from .adakv import AdaKV
 from .base import REGISTRY, Method, ScorerMethod, as_scorer
 from .chunkkv import ChunkKV
+from .compactor import Compactor
 from .composed import Composed
 from .critical_adakv import CriticalAdaKV
 from .criticalkv import CriticalKV
@@ -18,6 +19,8 @@ from .headkv import HeadKV
 from .keydiff import KeyDiff
 from .knorm import KNorm, l2_compress
 from .lagkv import LagKV
+from .leverage_score import LeverageScore
+from .non_causal_attention import NonCausalAttention
 from .per_layer_compression import PerLayerCompression
 from .observed_attention import MissingAttentionWeights, ObservedAttention
 from .pyramidkv import PyramidKV
@@ -30,8 +33,8 @@ from .think import ThinK
 from .tova import TOVA
 
 
-__all__ = ["AdaKV", "ChunkKV", "Composed", "CriticalAdaKV", "CriticalKV", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "H2O",
-           "HeadKV", "KeyDiff", "KNorm", "LagKV", "ObservedAttention", "PerLayerCompression", "PyramidKV", "Random", "RollingStreamingLLM", "SimLayerKV",
+__all__ = ["AdaKV", "ChunkKV", "Compactor", "Composed", "CriticalAdaKV", "CriticalKV", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "H2O",
+           "HeadKV", "KeyDiff", "KNorm", "LagKV", "LeverageScore", "NonCausalAttention", "ObservedAttention", "PerLayerCompression", "PyramidKV", "Random", "RollingStreamingLLM", "SimLayerKV",
            "SnapKV", "StreamingLLM", "ThinK", "TOVA"]
 
 
