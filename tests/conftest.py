@@ -84,4 +84,4 @@ def build_method(name: str, ratio: float, model):
 
 
 RATIO_METHODS = ["adakv", "chunkkv", "critical_adakv", "criticalkv", "expected_attention", "headkv", "keydiff", "knorm",
-                 "lagkv", "leverage_score", "non_causal_attention", "compactor", "observed_attention", "pyramidkv", "random", "snapkv", "streaming_llm", "tova"]
+                 "lagkv", "leverage_score", "non_causal_attention", "compactor", "merging", "observed_attention", "pyramidkv", "random", "snapkv", "streaming_llm", "tova"]

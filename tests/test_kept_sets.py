@@ -295,3 +295,24 @@ def test_compactor_protects_sinks_and_the_last_tokens():
     kept_sets = kept(kvsqueeze.Compactor(budget=14), ctx)
     for positions in kept_sets:
         assert set(range(8)) | set(range(26, 30)) <= set(positions) and len(positions) == 14
+
+
+@pytest.mark.parametrize("mode", ["pivot", "weighted"])
+def test_merging_folds_each_evicted_token_into_its_most_similar_kept_token(mode):
+    keys = torch.zeros(1, 2, 4, 16)
+    keys[..., 0, 0], keys[..., 1, 1], keys[..., 2, 0], keys[..., 3, 1] = 1.0, 1.0, 2.0, 3.0
+    keys[..., 2, 1] = 0.2  # token 2 points almost like token 0, token 3 like token 1
+    values = torch.arange(4.0)[None, None, :, None].expand(1, 2, 4, 16).clone()
+    ctx = context(keys, values)
+    recent = kvsqueeze.StreamingLLM(n_sink=0)
+    kvsqueeze.Merging(budget=2, scorer=recent, merge=mode).compress(ctx)  # keeps 2 and 3, evicts 0 and 1
+    layer = ctx.layer
+    similarity = torch.nn.functional.cosine_similarity(keys[0, 0, 0], keys[0, 0, 2], dim=0)
+    if mode == "pivot":  # kept 2 absorbs 0: mean of itself and (0 + 2) / 2
+        expected_value_2, expected_value_3 = (2 + (0 + 2) / 2) / 2, (3 + (1 + 3) / 2) / 2
+    else:  # weighted by (similarity + 1) / 2
+        w = (similarity + 1) / 2
+        expected_value_2, expected_value_3 = (2 + w * 0) / (1 + w), (3 + 1 * 1) / (1 + 1)
+    assert layer.stored == 2
+    assert torch.allclose(layer.values[0, :, 0, 0], torch.tensor(float(expected_value_2)), atol=1e-5)
+    assert torch.allclose(layer.values[0, :, 1, 0], torch.tensor(float(expected_value_3)), atol=1e-5)

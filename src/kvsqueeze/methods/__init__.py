@@ -20,6 +20,7 @@ from .keydiff import KeyDiff
 from .knorm import KNorm, l2_compress
 from .lagkv import LagKV
 from .leverage_score import LeverageScore
+from .merging import Merging
 from .non_causal_attention import NonCausalAttention
 from .per_layer_compression import PerLayerCompression
 from .observed_attention import MissingAttentionWeights, ObservedAttention
@@ -34,7 +35,7 @@ from .tova import TOVA
 
 
 __all__ = ["AdaKV", "ChunkKV", "Compactor", "Composed", "CriticalAdaKV", "CriticalKV", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "H2O",
-           "HeadKV", "KeyDiff", "KNorm", "LagKV", "LeverageScore", "NonCausalAttention", "ObservedAttention", "PerLayerCompression", "PyramidKV", "Random", "RollingStreamingLLM", "SimLayerKV",
+           "HeadKV", "KeyDiff", "KNorm", "LagKV", "LeverageScore", "Merging", "NonCausalAttention", "ObservedAttention", "PerLayerCompression", "PyramidKV", "Random", "RollingStreamingLLM", "SimLayerKV",
            "SnapKV", "StreamingLLM", "ThinK", "TOVA"]
 
 

@@ -1,0 +1,67 @@
+import torch
+import torch.nn.functional as F
+
+from ..hooks import LayerContext
+from .base import ScorerWrapper
+
+
+def merge_evicted(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor, mode: str,
+                  chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [batch, heads, n, dim] where every kept token has absorbed the evicted tokens closest to it.
+
+    Each `evicted` token goes to the kept token of its head whose key is most cosine-similar. "pivot":
+    the kept token becomes the mean of itself and, for each token merged into it, the average of the two;
+    "weighted": the mean of itself and the merged tokens, each weighted by (similarity + 1) / 2.
+    """
+    normalized = F.normalize(keys.float(), dim=-1)
+    target = torch.zeros(keys.shape[:-1], dtype=torch.long, device=keys.device)
+    similarity = torch.zeros(keys.shape[:-1], device=keys.device)
+    for start in range(0, keys.shape[2], chunk):  # n x n similarities, a chunk of rows at a time
+        sims = normalized[:, :, start:start + chunk] @ normalized.transpose(-1, -2)
+        best = sims.masked_fill(~keep[:, :, None, :], float("-inf")).max(-1)
+        similarity[:, :, start:start + chunk], target[:, :, start:start + chunk] = best.values, best.indices
+    weight = evicted.float() * (((similarity + 1) / 2).clamp(min=1e-6) if mode == "weighted" else 1.0)
+
+    def absorb(states):
+        states = states.float()
+        incoming = states if mode == "weighted" else (states + states.gather(2, target[..., None].expand_as(states))) / 2
+        sums = torch.zeros_like(states).scatter_add_(2, target[..., None].expand_as(states), incoming * weight[..., None])
+        counts = torch.zeros_like(weight).scatter_add_(2, target, weight)
+        return ((states + sums) / (1 + counts[..., None])).to(keys.dtype)
+
+    return absorb(keys), absorb(values)
+
+
+class Merging(ScorerWrapper):
+    """Keeps a scorer's best tokens, each merged with the evicted tokens whose keys are most similar to its own.
+
+    Merging instead of dropping, in the two forms KVCache-Factory offers: "pivot" (LOOK-M's averaging,
+    Wan et al., arXiv:2406.18139) and "weighted" (KVMerger's similarity-weighted merging, Wang et al.,
+    "Model Tells You Where to Merge", arXiv:2407.08454): every evicted token is assigned to the kept token
+    of its head with the most cosine-similar key, and the kept key and value absorb it. SnapKV chooses
+    what is kept by default. Dense budgets only (one count per head).
+    """
+
+    name = "merging"
+
+    def __init__(self, ratio=None, budget=None, scorer="snapkv", merge: str = "weighted"):
+        super().__init__(ratio, budget, scorer)
+        if merge not in ("pivot", "weighted"):
+            raise ValueError(f"merge is 'pivot' or 'weighted'; got {merge!r}")
+        self.merge = merge
+
+    def compress(self, ctx: LayerContext) -> None:
+        over = self.rows_over_budget(ctx)
+        if not bool(over.any()):
+            return
+        real = ctx.real if ctx.real is not None else torch.ones(ctx.keys.shape[:-1], dtype=torch.bool,
+                                                                   device=ctx.keys.device)
+        keep = torch.where(over.to(real.device)[:, None, None], self.keep_mask(ctx), real)
+        layer = ctx.layer
+        if not hasattr(layer, "state"):
+            raise NotImplementedError("Merging compresses dense layers (one budget per head), not ragged ones")
+        layer.keys, layer.values = merge_evicted(ctx.keys, ctx.values, keep, real & ~keep, self.merge)
+        ctx.keep(keep)
+
+    def settings(self):
+        return super().settings() | {"merge": self.merge}
