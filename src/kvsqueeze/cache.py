@@ -139,17 +139,22 @@ class CompressibleLayer(MeasuredLayer):
             return None
         return self.fresh_valid[:, None, :].expand(batch, heads, -1).to(device)
 
+    def fresh_real(self, batch: int, heads: int, device) -> torch.Tensor:
+        """[batch, heads, fresh] validity of the fresh tokens (all True without padding)."""
+        real = self.fresh_mask(batch, heads, device)
+        return torch.ones(batch, heads, self.fresh, dtype=torch.bool, device=device) if real is None else real
+
 
 class EvictingLayer(CompressibleLayer, DynamicLayer):
     """Dense layer: every (batch row, KV head) keeps the same number of tokens, in their original order."""
 
     kind = "evicting"
-    codec = None  # a Quantizer: the tokens this layer keeps are stored quantized (in a RaggedLayer's pages)
     saved_tensors = ("keys", "values", "fresh_valid", "pads")
     saved_numbers = ("peak_bytes", "seen", "fresh")
 
-    def __init__(self, **kwargs):
+    def __init__(self, codec=None, **kwargs):
         super().__init__()
+        self.codec = codec  # a Quantizer: what this layer keeps is stored quantized (in a RaggedLayer's pages)
         self.seen = 0
         self.fresh = 0
         # per-token values a method keeps about the stored tokens ([batch, heads, stored], e.g. H2O's accumulated
@@ -239,11 +244,9 @@ class EvictingLayer(CompressibleLayer, DynamicLayer):
 
     def real_mask(self) -> torch.Tensor:
         """[batch, kv_heads, stored]: the stored tokens that are real (not padding)."""
-        mask = torch.ones(self.keys.shape[:-1], dtype=torch.bool, device=self.keys.device)
-        real = self.fresh_mask(*self.keys.shape[:2], self.keys.device)
-        if real is not None:
-            mask[..., -self.fresh:] = real
-        return mask
+        batch, heads, stored, _ = self.keys.shape
+        kept = torch.ones(batch, heads, stored - self.fresh, dtype=torch.bool, device=self.keys.device)
+        return torch.cat([kept, self.fresh_real(batch, heads, self.keys.device)], dim=-1)
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -301,8 +304,7 @@ class SqueezeCache(Cache):
                     window = text_config.sliding_window if kind == "sliding_attention" else text_config.attention_chunk_size
                     layers.append(SlidingWindowLayer(sliding_window=window))
                 else:
-                    layers.append(EvictingLayer())
-                    layers[-1].codec = quantizer
+                    layers.append(EvictingLayer(codec=quantizer))
         if layers is None:
             super().__init__(layer_class_to_replicate=EvictingLayer)
         else:
@@ -393,8 +395,7 @@ def as_squeeze_cache(past) -> SqueezeCache:
     for source in (past.layers if isinstance(past, Cache) else past):
         if isinstance(source, BaseQuantizedLayer):
             keys, values = quantized_contents(source)
-            layer = EvictingLayer()
-            layer.codec = quantizer_like(source)
+            layer = EvictingLayer(codec=quantizer_like(source))
             if keys is not None and keys.numel():
                 layer.update(keys, values)
         elif isinstance(source, DynamicSlidingWindowLayer):

@@ -19,7 +19,7 @@ from transformers import DynamicCache, QuantizedCache
 from transformers.cache_utils import BaseQuantizedLayer
 
 from . import attention
-from .cache import EvictingLayer, SqueezeCache, as_squeeze_cache, layer_types
+from .cache import EvictingLayer, SqueezeCache, as_squeeze_cache, layer_types, quantizer_like
 from .ragged import RaggedLayer
 
 if TYPE_CHECKING:
@@ -105,11 +105,7 @@ class LayerContext:
             if self._view is None or self._view[0] is not layer:  # a ragged layer is replaced, never edited
                 self._view = (layer, layer.dense_view())
             return self._view[1]
-        fresh = layer.fresh_mask(*layer.keys.shape[:2], layer.keys.device)
-        if fresh is None:
-            return layer.keys, layer.values, None
-        kept = torch.ones(*fresh.shape[:2], layer.stored - layer.fresh, dtype=torch.bool, device=fresh.device)
-        return layer.keys, layer.values, torch.cat([kept, fresh], dim=-1)
+        return layer.keys, layer.values, None if layer.fresh_valid is None else layer.real_mask()
 
     @property
     def keys(self) -> torch.Tensor:
@@ -251,8 +247,6 @@ def _model_pre_hook(model: nn.Module, method: "Method"):
 
 def quantized_squeeze_cache(model: nn.Module, cache: QuantizedCache) -> SqueezeCache:
     """The SqueezeCache that takes over a transformers quantized cache: its tokens, stored at its bits."""
-    from .cache import quantizer_like
-
     if cache.get_seq_length():
         return as_squeeze_cache(cache)  # quantized again layer by layer, after each attends
     quantized = next(layer for layer in cache.layers if isinstance(layer, BaseQuantizedLayer))

@@ -161,8 +161,7 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         if n <= 0:
             return
         keys, values = self.tail_k[..., :n, :], self.tail_v[..., :n, :]
-        real = self.fresh_mask(self.batch, self.heads, keys.device)
-        real = torch.ones(keys.shape[:-1], dtype=torch.bool, device=keys.device) if real is None else real[..., :n]
+        real = self.fresh_real(self.batch, self.heads, keys.device)[..., :n]
         if self.key_channels is not None:
             channels = self.key_channels.view(self.batch, self.heads, 1, -1).expand(-1, -1, n, -1)
             keys = keys.gather(-1, channels)
@@ -219,7 +218,7 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
 
         Each segment's tokens come first, in order, then the tail; the padding sits between them.
         """
-        batch, heads, tail = self.batch, self.heads, self.tail_k.shape[-2]
+        batch, heads = self.batch, self.heads
         pages_k, pages_v = self.page_data()
         longest = int(self.lengths.max()) if self.lengths.numel() else 0
         slots = torch.arange(self.page_size, device=self.page_fill.device)
@@ -242,9 +241,7 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         real = torch.arange(longest, device=keys.device)[None, :] < self.lengths.flatten()[:, None]
         keys = torch.cat([keys.view(batch, heads, longest, self.tail_k.shape[-1]), self.tail_k], dim=2)
         values = torch.cat([values.view(batch, heads, longest, self.tail_v.shape[-1]), self.tail_v], dim=2)
-        tail_real = self.fresh_mask(batch, heads, real.device)
-        tail_real = real.new_ones(batch, heads, tail) if tail_real is None else tail_real
-        real = torch.cat([real.view(batch, heads, longest), tail_real], dim=2)
+        real = torch.cat([real.view(batch, heads, longest), self.fresh_real(batch, heads, real.device)], dim=2)
         return keys, values, real
 
     def channels(self) -> torch.Tensor | None:

@@ -2,6 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from ..hooks import LayerContext
+from ..ragged import RaggedLayer
 from .base import ScorerWrapper
 
 
@@ -58,7 +59,7 @@ class Merging(ScorerWrapper):
                                                                    device=ctx.keys.device)
         keep = torch.where(over.to(real.device)[:, None, None], self.keep_mask(ctx), real)
         layer = ctx.layer
-        if not hasattr(layer, "state"):
+        if isinstance(layer, RaggedLayer):
             raise NotImplementedError("Merging compresses dense layers (one budget per head), not ragged ones")
         layer.keys, layer.values = merge_evicted(ctx.keys, ctx.values, keep, real & ~keep, self.merge)
         ctx.keep(keep)
