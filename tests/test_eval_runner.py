@@ -28,11 +28,12 @@ def test_an_interrupted_sweep_finishes_without_redoing_what_was_done(bundled, ne
     calls, interrupt = [], [True]
     real_answer = runner.answer
 
-    def counting(*args, **kwargs):
-        calls.append(args[2].id)
-        if len(calls) == 3 and interrupt and interrupt.pop():
-            raise Interrupted
-        return real_answer(*args, **kwargs)
+    def counting(*args, **kwargs):  # counts the answers computed; the third one is interrupted
+        for answered in real_answer(*args, **kwargs):
+            calls.append(answered)
+            if len(calls) == 3 and interrupt and interrupt.pop():
+                raise Interrupted
+            yield answered
 
     monkeypatch.setattr(runner, "answer", counting)
     with pytest.raises(Interrupted):

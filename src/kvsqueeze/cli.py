@@ -152,7 +152,7 @@ def eval_command(args) -> int:
     arguments = {k: v for k, v in vars(args).items() if k not in ("handler", "method", "ratio", "max_new_tokens")}
     evaluation.sweep(model, tokenizer, bench, grid, out, samples=args.samples, seed=args.seed,
                      shard=(int(index), int(count or 1)), query_aware=args.query_aware,
-                     metadata=evaluation.runner.run_metadata(arguments))
+                     share_prefill=not args.separate_prefills, metadata=evaluation.runner.run_metadata(arguments))
     return report(evaluation.read_results(out), out.with_suffix(".png"))
 
 
@@ -247,6 +247,8 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--shard", default="0/1", metavar="I/N", help="run every N-th sample from the I-th")
     evaluate.add_argument("--query-aware", action="store_true", help="compress with the question visible")
+    evaluate.add_argument("--separate-prefills", action="store_true",
+                          help="prefill each sample once per configuration instead of once for all (less memory)")
     evaluate.add_argument("--attn", default="sdpa")
     evaluate.add_argument("-o", "--out", help="JSON lines file (default results/eval/BENCHMARK.jsonl)")
     evaluate.add_argument("--config", help="a YAML file with any of these settings (the command line wins)")

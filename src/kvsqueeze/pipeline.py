@@ -165,20 +165,9 @@ def prefill(model, ids: torch.Tensor, cache: SqueezeCache, method: Method | None
             cache.quantize()
 
 
-def compress(model, tokenizer, context: str | torch.Tensor | list, method: Method | None = None, *,
-             chunk_size: int | None = None, quantizer: str | Quantizer | None = None, chat_template: bool = True,
-             check_window: bool = True, progress: bool = False) -> "CompressedContext":
-    """Prefill `context` and compress its cache with `method` (None keeps everything).
-
-    `context` is text (placed in the user turn of the chat template, when the tokenizer has one) or
-    token ids [1, n] used as they are; a list of them is a batch, compressed at once (left-padded: each
-    row gets what compressing it alone gives). `chunk_size` prefills in chunks, compressing after each
-    (peak memory bounded by the budget plus one chunk). `check_window=False` allows contexts longer than
-    the model's window (for memory measurements: the model was not trained on such positions).
-    `quantizer` ("kivi-2", "kvquant-4", "gear-4" or a Quantizer) stores what is kept quantized; it composes
-    with any method, and later tokens (question, answer) are quantized too, past its full-precision window.
-    """
-    codec = as_quantizer(quantizer)
+def context_rows(model, tokenizer, context, chat_template: bool = True, check_window: bool = True
+                 ) -> tuple[Prompt | None, list[torch.Tensor]]:
+    """(the prompt layout, one row of token ids per context) for what `compress` is given; checks model and window."""
     if not isinstance(model, PreTrainedModel):
         raise attention.UnsupportedModelError(f"kvsqueeze compresses transformers models; got {type(model).__name__}")
     attention_modules(model)  # raises if nothing can be hooked
@@ -198,19 +187,42 @@ def compress(model, tokenizer, context: str | torch.Tensor | list, method: Metho
             raise ValueError("the context is empty")
     if check_window:
         check_fits(model, max(len(row) for row in rows))
+    return prompt, rows
+
+
+def measure(cache: SqueezeCache, rows: list[torch.Tensor], seconds: float, codec: Quantizer | None
+            ) -> CompressionStats:
+    """What the cache holds after compressing `rows`, measured from its tensors."""
+    return CompressionStats(
+        context_tokens=sum(len(row) for row in rows),
+        kept_per_layer_head=[heads.sum(0).tolist() for heads in cache.kept_per_head()],
+        bytes_held=cache.nbytes(), bytes_uncompressed=cache.peak_bytes(), seconds=seconds,
+        compressible_layers=[i for i, layer in enumerate(cache.layers) if not isinstance(layer, SlidingWindowLayer)],
+        quantizer=None if codec is None else codec.spec())
+
+
+def compress(model, tokenizer, context: str | torch.Tensor | list, method: Method | None = None, *,
+             chunk_size: int | None = None, quantizer: str | Quantizer | None = None, chat_template: bool = True,
+             check_window: bool = True, progress: bool = False) -> "CompressedContext":
+    """Prefill `context` and compress its cache with `method` (None keeps everything).
+
+    `context` is text (placed in the user turn of the chat template, when the tokenizer has one) or
+    token ids [1, n] used as they are; a list of them is a batch, compressed at once (left-padded: each
+    row gets what compressing it alone gives). `chunk_size` prefills in chunks, compressing after each
+    (peak memory bounded by the budget plus one chunk). `check_window=False` allows contexts longer than
+    the model's window (for memory measurements: the model was not trained on such positions).
+    `quantizer` ("kivi-2", "kvquant-4", "gear-4" or a Quantizer) stores what is kept quantized; it composes
+    with any method, and later tokens (question, answer) are quantized too, past its full-precision window.
+    """
+    codec = as_quantizer(quantizer)
+    prompt, rows = context_rows(model, tokenizer, context, chat_template, check_window)
     cache = SqueezeCache(model.config, quantizer=codec)
     # sliding windows count positions, padding included: no padding may sit in the middle of them
     aligned = not any(isinstance(layer, SlidingWindowLayer) for layer in cache.layers)
     ids, mask, spans = pack(rows, chunk_size, pad_id(model, tokenizer), aligned)
     start = time.perf_counter()
     prefill(model, ids, cache, method, spans, progress, mask)
-    seconds = time.perf_counter() - start
-    stats = CompressionStats(
-        context_tokens=sum(len(row) for row in rows),
-        kept_per_layer_head=[heads.sum(0).tolist() for heads in cache.kept_per_head()],
-        bytes_held=cache.nbytes(), bytes_uncompressed=cache.peak_bytes(), seconds=seconds,
-        compressible_layers=[i for i, layer in enumerate(cache.layers) if not isinstance(layer, SlidingWindowLayer)],
-        quantizer=None if codec is None else codec.spec())
+    stats = measure(cache, rows, time.perf_counter() - start, codec)
     return CompressedContext(model, tokenizer, cache, ids, method, prompt, stats, mask, check_window)
 
 

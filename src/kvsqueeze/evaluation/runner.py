@@ -103,34 +103,59 @@ def run_metadata(arguments: dict) -> dict:
             "python": platform.python_version(), "arguments": arguments}
 
 
-def answer(model, tokenizer, sample: Sample, configuration: Configuration, query_aware: bool, check_window: bool):
-    """(predictions, stats of each compression) for every question of `sample`.
+def compressed(model, tokenizer, text: str, configurations: list[Configuration], check_window: bool,
+               share_prefill: bool = True) -> list:
+    """`text` compressed under each configuration. With `share_prefill`, one prefill serves every method that
+    does not change the prefill itself (see `kvsqueeze.branches`): the same caches, one prefill instead of many."""
+    from ..branches import compress_each
+    from ..pipeline import compress
+
+    methods = [c.build() for c in configurations]
+    shared = [i for i, m in enumerate(methods) if share_prefill and (m is None or not m.changes_prefill)]
+    contexts = {}
+    if len(shared) > 1:
+        contexts = dict(zip(shared, compress_each(model, tokenizer, text, [methods[i] for i in shared],
+                                                  quantizers=[configurations[i].quant for i in shared],
+                                                  check_window=check_window)))
+    for i, (method, configuration) in enumerate(zip(methods, configurations)):
+        if i not in contexts:
+            contexts[i] = compress(model, tokenizer, text, method, quantizer=configuration.quant,
+                                   check_window=check_window)
+    return [contexts[i] for i in range(len(configurations))]
+
+
+def answer(model, tokenizer, sample: Sample, configurations: list[Configuration], query_aware: bool,
+           check_window: bool, share_prefill: bool = True):
+    """Yields (configuration, question index, prediction, compression stats) for every question of `sample`
+    under every configuration, as each answer comes.
 
     Query-agnostic: the context is compressed once and every question asked on it. Query-aware: each
     question is appended to the context before compression, so the method sees it.
     """
-    from ..pipeline import compress
-
-    method = configuration.build()
     if not query_aware:
-        ctx = compress(model, tokenizer, sample.context, method, quantizer=configuration.quant,
-                       check_window=check_window)
-        return [(ctx.ask(q.text, answer_prefix=q.answer_prefix, max_new_tokens=q.max_new_tokens), ctx.stats)
-                for q in sample.questions]
-    results = []
-    for q in sample.questions:
-        ctx = compress(model, tokenizer, sample.context + "\n\n" + q.text, method, quantizer=configuration.quant,
-                       check_window=check_window)
-        results.append((ctx.ask("", answer_prefix=q.answer_prefix, max_new_tokens=q.max_new_tokens), ctx.stats))
-    return results
+        contexts = compressed(model, tokenizer, sample.context, configurations, check_window, share_prefill)
+        for configuration, ctx in zip(configurations, contexts):
+            for i, q in enumerate(sample.questions):
+                prediction = ctx.ask(q.text, answer_prefix=q.answer_prefix, max_new_tokens=q.max_new_tokens)
+                yield configuration, i, prediction, ctx.stats
+        return
+    for i, q in enumerate(sample.questions):
+        contexts = compressed(model, tokenizer, sample.context + "\n\n" + q.text, configurations, check_window,
+                              share_prefill)
+        for configuration, ctx in zip(configurations, contexts):
+            prediction = ctx.ask("", answer_prefix=q.answer_prefix, max_new_tokens=q.max_new_tokens)
+            yield configuration, i, prediction, ctx.stats
 
 
 def sweep(model, tokenizer, benchmark: Benchmark, grid: list[Configuration], out: str | Path, *,
           samples: int | None = None, seed: int = 0, shard: tuple[int, int] = (0, 1), query_aware: bool = False,
-          metadata: dict | None = None, check_window: bool = True, progress: bool = True) -> list[dict]:
+          metadata: dict | None = None, check_window: bool = True, progress: bool = True,
+          share_prefill: bool = True) -> list[dict]:
     """Answer every question of the benchmark's samples under every configuration; append rows to `out`.
 
-    Rows already in `out` are skipped. Returns the rows written by this call.
+    Rows already in `out` are skipped. Returns the rows written by this call. Each sample is prefilled once
+    for all the configurations it still needs (`share_prefill=False`: once per configuration, e.g. to bound
+    memory when many configurations would hold their caches at once).
     """
     index, count = shard
     if not 0 <= index < count:
@@ -142,13 +167,16 @@ def sweep(model, tokenizer, benchmark: Benchmark, grid: list[Configuration], out
     done = {row_key(row) for row in read_results(out)}
     metadata = metadata or run_metadata({})
     written = []
-    work = [(c, s) for c in grid for s in chosen
-            if any((benchmark.name, s.task, s.id, i, c.method, c.ratio, c.quant) not in done
-                   for i in range(len(s.questions)))]
+    def missing(configuration, sample):
+        return any((benchmark.name, sample.task, sample.id, i, configuration.method, configuration.ratio,
+                    configuration.quant) not in done for i in range(len(sample.questions)))
+
+    work = [(sample, [c for c in grid if missing(c, sample)]) for sample in chosen]
+    work = [(sample, todo) for sample, todo in work if todo]
     with out.open("a") as file:
-        for configuration, sample in tqdm(work, desc=f"{benchmark.name}", disable=not progress):
-            for i, (prediction, stats) in enumerate(answer(model, tokenizer, sample, configuration, query_aware,
-                                                           check_window)):
+        for sample, todo in tqdm(work, desc=f"{benchmark.name}", disable=not progress):
+            for configuration, i, prediction, stats in answer(model, tokenizer, sample, todo, query_aware,
+                                                              check_window, share_prefill):
                 question = sample.questions[i]
                 row = {"benchmark": benchmark.name, "task": sample.task, "sample": sample.id, "question": i,
                        "method": configuration.method, "ratio": configuration.ratio, "quant": configuration.quant,

@@ -24,6 +24,9 @@ class Method:
     name: ClassVar[str] = ""
     phase: ClassVar[str] = "prefill"
     needs_whole_context: ClassVar[bool] = False  # True: cannot compress a context chunk by chunk
+    # True: the method changes the prefill itself (its attention, or extra forwards), so the context's
+    # activations are not those of the plain model and one prefill cannot serve it and other methods
+    changes_prefill: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -1,0 +1,99 @@
+"""One prefill, several compressions: every method compresses its own copy of each layer.
+
+In a prefill done in one forward, a layer's method acts after that layer has attended to the whole
+context, so what the model computes (every layer's keys, values, queries and outputs) does not depend on
+the method. One prefill can therefore serve any number of methods: after each attention layer, each
+branch takes a copy of the layer (sharing its tensors until it evicts) and compresses it as if it ran
+alone. The result is exactly what a separate `compress` per method gives, at the cost of one prefill;
+`kvsqueeze eval` uses it to score a grid of methods and ratios on each sample.
+
+Not for methods that change the prefill itself (`Method.changes_prefill`) nor for chunked prefill,
+where each chunk attends to the already compressed cache: those need their own prefill.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+
+import torch
+
+from .cache import CompressibleLayer, SqueezeCache
+from .hooks import LayerContext
+from .methods.base import Method
+from .pipeline import CompressedContext, context_rows, measure, pack, pad_id, prefill
+from .quantizers import Quantizer, quantizer as as_quantizer
+
+
+class Branches(Method):
+    """Hands each attention layer of a prefill to several methods, each compressing its own cache."""
+
+    def __init__(self, methods: list[Method | None], caches: list[SqueezeCache]):
+        for method in methods:
+            if method is not None and method.changes_prefill:
+                raise ValueError(f"{type(method).__name__} changes the prefill itself: it needs a prefill of its own")
+        self.methods, self.caches = methods, caches
+        self.seconds = [0.0] * len(methods)  # each branch's own compression time
+
+    def setup(self, model: torch.nn.Module) -> None:
+        for method in self.methods:
+            if method is not None:
+                method.setup(model)
+
+    def before_forward(self, kwargs: dict) -> None:
+        for method in self.methods:
+            if method is not None:
+                seen = dict(kwargs)
+                method.before_forward(seen)
+                if seen.keys() != kwargs.keys() or any(seen[k] is not kwargs[k] for k in kwargs):
+                    raise ValueError(f"{type(method).__name__} edits the forward's arguments: it needs a prefill "
+                                     "of its own")
+
+    def acts_on(self, ctx: LayerContext) -> bool:
+        return True
+
+    def compress(self, ctx: LayerContext) -> None:
+        for i, (method, cache) in enumerate(zip(self.methods, self.caches)):
+            start = time.perf_counter()
+            branch = copy.copy(ctx.layer)  # shares the tensors; a compression replaces them, never edits them
+            branch.codec = cache.layers[ctx.layer_idx].codec
+            cache.layers[ctx.layer_idx] = branch
+            own = dataclasses.replace(ctx, cache=cache, _view=None)
+            if method is not None and method.acts_on(own):
+                method.compress(own)
+            cache.quantize(ctx.layer_idx)
+            self.seconds[i] += time.perf_counter() - start
+
+    def finish(self, shared: SqueezeCache) -> None:
+        """Give every branch the layers no method compresses (sliding windows): the shared prefill's."""
+        for cache in self.caches:
+            for i, layer in enumerate(shared.layers):
+                if not isinstance(layer, CompressibleLayer):
+                    cache.layers[i] = copy.copy(layer)
+
+
+def compress_each(model, tokenizer, context, methods: list[Method | None], *,
+                  quantizers: list[str | Quantizer | None] | None = None, chat_template: bool = True,
+                  check_window: bool = True) -> list[CompressedContext]:
+    """`compress(model, tokenizer, context, method, quantizer=q)` for every (method, q) pair, from one prefill.
+
+    `methods[i]` (None: the full cache) goes with `quantizers[i]` (default: none). Each context's
+    `stats.seconds` is the shared prefill plus its own compression.
+    """
+    quantizers = [None] * len(methods) if quantizers is None else list(quantizers)
+    if len(quantizers) != len(methods):
+        raise ValueError(f"{len(methods)} methods but {len(quantizers)} quantizers")
+    codecs = [as_quantizer(q) for q in quantizers]
+    prompt, rows = context_rows(model, tokenizer, context, chat_template, check_window)
+    shared = SqueezeCache(model.config)
+    caches = [SqueezeCache(model.config, quantizer=codec) for codec in codecs]
+    branches = Branches(methods, caches)
+    ids, mask, _ = pack(rows, None, pad_id(model, tokenizer))
+    start = time.perf_counter()
+    prefill(model, ids, shared, branches, None, False, mask)
+    branches.finish(shared)
+    prefill_seconds = time.perf_counter() - start - sum(branches.seconds)
+    return [CompressedContext(model, tokenizer, cache, ids, method, prompt,
+                              measure(cache, rows, prefill_seconds + own, codec), mask, check_window)
+            for method, cache, codec, own in zip(methods, caches, codecs, branches.seconds)]
