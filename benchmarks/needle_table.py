@@ -5,7 +5,7 @@ asked. Depths are spread evenly over the context. Methods are registry names or 
 parameters ("think:key_channel_ratio=0.5"); `--ratios` applies to those that take a ratio, the
 others run once with their own settings. Each row reports the compression really measured.
 Results are appended to `--out` (JSON lines); samples already there are skipped, so an interrupted
-run resumes. `--chunk` prefills in chunks with in-loop compression (compared with a full prefill).
+run resumes. Each haystack is prefilled once for every configuration that can share the prefill. `--chunk` prefills in chunks with in-loop compression (compared with a full prefill).
 `--quant` stores what is kept quantized (each quantizer is one more configuration; "none" is eviction
 alone); benchmarks/score_vs_bytes.py plots the score against the bytes held.
 
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import kvsqueeze
+from kvsqueeze.evaluation.runner import Configuration, compressed
 from kvsqueeze.evaluation.needle import needle_sample
 
 
@@ -54,27 +55,29 @@ def main():
     models = {attn: kvsqueeze.load(args.model, attn_implementation=attn) for attn in ("sdpa", "eager")}
     tokenizer = models["sdpa"][1]
     samples = [needle_sample(tokenizer, args.tokens, i / max(args.samples - 1, 1), seed=i) for i in range(args.samples)]
+    grid = list(itertools.product(configurations(specs, ratios), quants))
     with out_path.open("a") as out:
-        for (spec, ratio), quant in itertools.product(configurations(specs, ratios), quants):
-            todo = [sample for sample in samples if (spec, ratio, args.chunk, quant, sample.depth) not in done]
-            if not todo:
-                continue
-            model = models["eager" if spec.startswith("observed_attention") else "sdpa"][0]
-            method = None if spec == "full" else kvsqueeze.methods.build(spec, ratio)
-            start = time.perf_counter()
-            for sample in todo:
-                ctx = kvsqueeze.compress(model, tokenizer, sample.context, method, chunk_size=args.chunk, quantizer=quant)
-                answer = ctx.ask(sample.question, max_new_tokens=24)
-                out.write(json.dumps({"method": spec, "ratio": ratio, "chunk": args.chunk, "quant": quant,
-                                      "depth": sample.depth,
-                                      "answer": answer,
-                                      "expected": sample.answer, "correct": sample.correct(answer),
-                                      "tokens": ctx.stats.context_tokens,
-                                      "compression_ratio": ctx.stats.compression_ratio,
-                                      "bytes_held": ctx.stats.bytes_held,
-                                      "bytes_uncompressed": ctx.stats.bytes_uncompressed}) + "\n")
-                out.flush()
-            print(f"{spec} {ratio} {quant or ''}: {time.perf_counter() - start:.0f} s", flush=True)
+        for sample in samples:
+            todo = [(spec, ratio, quant) for (spec, ratio), quant in grid
+                    if (spec, ratio, args.chunk, quant, sample.depth) not in done]
+            for attn in ("sdpa", "eager"):
+                group = [c for c in todo if (c[0].startswith("observed_attention")) == (attn == "eager")]
+                if group:
+                    start = time.perf_counter()
+                    for (spec, ratio, quant), ctx in zip(group, compressed(
+                            models[attn][0], tokenizer, sample.context, [Configuration(*c) for c in group],
+                            chunk_size=args.chunk)):
+                        answer = ctx.ask(sample.question, max_new_tokens=24)
+                        out.write(json.dumps({"method": spec, "ratio": ratio, "chunk": args.chunk, "quant": quant,
+                                              "depth": sample.depth, "answer": answer,
+                                              "expected": sample.answer, "correct": sample.correct(answer),
+                                              "tokens": ctx.stats.context_tokens,
+                                              "compression_ratio": ctx.stats.compression_ratio,
+                                              "bytes_held": ctx.stats.bytes_held,
+                                              "bytes_uncompressed": ctx.stats.bytes_uncompressed}) + "\n")
+                        out.flush()
+                    print(f"depth {sample.depth:.2f}, {len(group)} configurations ({attn}): "
+                          f"{time.perf_counter() - start:.0f} s", flush=True)
     for quant in quants:
         print_table(out_path, specs, ratios, args.chunk, quant)
 

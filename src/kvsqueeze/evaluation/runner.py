@@ -103,14 +103,16 @@ def run_metadata(arguments: dict) -> dict:
             "python": platform.python_version(), "arguments": arguments}
 
 
-def compressed(model, tokenizer, text: str, configurations: list[Configuration], check_window: bool,
-               share_prefill: bool = True) -> list:
+def compressed(model, tokenizer, text: str, configurations: list[Configuration], check_window: bool = True,
+               share_prefill: bool = True, chunk_size: int | None = None) -> list:
     """`text` compressed under each configuration. With `share_prefill`, one prefill serves every method that
-    does not change the prefill itself (see `kvsqueeze.branches`): the same caches, one prefill instead of many."""
+    does not change the prefill itself (see `kvsqueeze.branches`): the same caches, one prefill instead of many.
+    A chunked prefill (`chunk_size`) compresses as it goes, so each configuration gets its own."""
     from ..branches import compress_each
     from ..pipeline import compress
 
     methods = [c.build() for c in configurations]
+    share_prefill = share_prefill and chunk_size is None
     shared = [i for i, m in enumerate(methods) if share_prefill and (m is None or not m.changes_prefill)]
     contexts = {}
     if len(shared) > 1:
@@ -120,7 +122,7 @@ def compressed(model, tokenizer, text: str, configurations: list[Configuration],
     for i, (method, configuration) in enumerate(zip(methods, configurations)):
         if i not in contexts:
             contexts[i] = compress(model, tokenizer, text, method, quantizer=configuration.quant,
-                                   check_window=check_window)
+                                   check_window=check_window, chunk_size=chunk_size)
     return [contexts[i] for i in range(len(configurations))]
 
 
