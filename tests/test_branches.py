@@ -5,7 +5,7 @@ import torch
 from conftest import RATIO_METHODS, build_method, random_ids, tiny_model
 
 import kvsqueeze
-from kvsqueeze.branches import compress_each
+from kvsqueeze import compress_each
 from kvsqueeze.cache import EvictingLayer
 from kvsqueeze.ragged import RaggedLayer
 

@@ -10,6 +10,7 @@ from .models import load
 from .pipeline import (CompressedContext, CompressionStats, ContextTooLongError, CorruptContextError,
                        ModelMismatchError, compress)
 from .attention import UnsupportedModelError
+from .branches import compress_each
 from . import hf_pipeline  # noqa: F401  registers the "kvsqueeze-text-generation" pipeline task
 
 __version__ = "0.1.0"
