@@ -32,6 +32,8 @@ PAIRS = {
     "expected_attention": (kvsqueeze.ExpectedAttention, {}, "ExpectedAttentionPress", {}, False),
     "observed_attention": (kvsqueeze.ObservedAttention, {}, "ObservedAttentionPress", {}, True),
     "lagkv": (kvsqueeze.LagKV, {}, "LagKVPress", {}, False),
+    "cap": (kvsqueeze.Cap, {}, "CapPress", {}, False),
+    "cur": (kvsqueeze.CUR, {}, "CURPress", {}, False),
     "non_causal_attention": (kvsqueeze.NonCausalAttention, {}, "NonCausalAttnPress", {}, False),
 }
 

@@ -69,19 +69,32 @@ def build_method(name: str, ratio: float, model):
         return cls(key_channel_ratio=ratio)
     if name == "duo_attention":
         return cls(head_patterns=head_table(model), sparsity=ratio, sink_size=4, recent_size=8)
+    if name == "lukv":  # curves from random head utilities over 64 ranks (real ones: kvsqueeze calibrate lukv)
+        from kvsqueeze.methods.lukv import budget_curves
+        full = [i for i, kind in enumerate(layer_types(model.config)) if kind == "full_attention"]
+        return cls(ratio=ratio, curves=budget_curves([head_table(model)[..., None] / torch.arange(1, 65)], full))
     if name == "headkv":
         return cls(ratio=ratio, head_scores=head_table(model))
-    if name in ("decoding_budget", "h2o"):
+    if name == "qfilter":  # random filters of the model's shape (real ones: kvsqueeze calibrate qfilter)
+        config = model.config.get_text_config()
+        return cls(ratio=ratio, filters=torch.randn(config.num_hidden_layers, config.num_key_value_heads,
+                                                    config.head_dim, generator=torch.Generator().manual_seed(0)))
+    if name in ("decoding_budget", "h2o", "scissorhands"):
         return cls(budget=10**6 if ratio == 0 else 64)
+    if name == "minicache":  # at ratio 0 every token is retained unmerged
+        return cls(retention=1.0 if ratio == 0 else 0.05)
     if name == "per_layer_compression":  # the ratio on average: half of it in the first layers, 1.5x in the last
         n = sum(kind == "full_attention" for kind in layer_types(model.config))
         return cls(ratios=[ratio * (0.5 + i / max(n - 1, 1)) for i in range(n)])
     if name == "composed":  # evicts tokens, then prunes key channels of the rest
         return cls([kvsqueeze.SnapKV(ratio=ratio), kvsqueeze.ThinK(key_channel_ratio=ratio / 2)])
+    if name == "quest":  # reads a budget of tokens while decoding; holds everything
+        return cls(budget=10**6 if ratio == 0 else 64)
+    if name == "minference":  # sparse prefill attention; holds everything
+        return cls(vertical_size=64, slash_size=10**6 if ratio == 0 else 64)
     if name == "rolling_streaming_llm":
         return cls(window=10**6 if ratio == 0 else 64, interval=8)
     return cls(ratio=ratio)
 
 
-RATIO_METHODS = ["adakv", "chunkkv", "critical_adakv", "criticalkv", "expected_attention", "headkv", "keydiff", "knorm",
-                 "lagkv", "leverage_score", "non_causal_attention", "compactor", "merging", "observed_attention", "pyramidkv", "random", "snapkv", "streaming_llm", "tova"]
+RATIO_METHODS = ["adakv", "cam", "nacl", "cap", "entropy_gated_chunkkv", "chunkkv", "critical_adakv", "criticalkv", "cur", "expected_attention", "headkv", "keydiff", "knorm", "lagkv", "leverage_score", "non_causal_attention", "compactor", "merging", "observed_attention", "pyramidkv", "random", "snapkv", "streaming_llm", "tova"]

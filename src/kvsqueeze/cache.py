@@ -346,8 +346,11 @@ class SqueezeCache(Cache):
         return clone
 
     def nbytes(self) -> int:
-        """Bytes really held by the cache's tensors."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes really held by the cache's tensors. A layer's `nbytes()` counts what it holds alone; tensors several
+        layers share (listed by a layer's `shared_tensors()`, e.g. MiniCache's merged pairs) are counted once."""
+        shared = {(t.data_ptr(), t.nbytes): t.nbytes for layer in self.layers
+                  for t in getattr(layer, "shared_tensors", list)()}
+        return sum(layer.nbytes() for layer in self.layers) + sum(shared.values())
 
     def peak_bytes(self) -> int:
         """The sum over layers of the most bytes each layer held at once (before compression, for a prefill)."""

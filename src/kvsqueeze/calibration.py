@@ -1,16 +1,24 @@
-"""Offline calibration on the user's own model: what HeadKV and DuoAttention need and nothing can download.
+"""Offline calibration on the user's own model: what HeadKV, DuoAttention, QFilter and ExpectedAttention's
+collected statistics need and nothing can download.
 
-Both routines generate their data locally (needle-in-a-haystack samples from the bundled essays) and
+HeadKV's and DuoAttention's routines generate needle-in-a-haystack samples from the bundled essays and
 return a [layers, kv_heads] table; `save_head_scores` writes it for `HeadKV(head_scores=...)` and
-`DuoAttention(head_patterns=...)`. `kvsqueeze calibrate` runs them from the command line.
+`DuoAttention(head_patterns=...)`. The query-statistics routines (Q-Filters, ExpectedAttention's mean and
+covariance) read local text (the bundled essays by default); `save_calibration` writes their tensors as a
+safetensors file for `QFilter(filters=...)` and `ExpectedAttention(stats=...)`. `kvsqueeze calibrate` runs
+them all from the command line.
 """
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -18,7 +26,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import attention
 from .cache import layer_types
-from .evaluation.needle import needle_sample
+from .evaluation.needle import haystack, needle_sample
+from .hooks import LayerContext
+from .methods.base import Method
 from .pipeline import compress
 from .prompt import Prompt
 
@@ -159,3 +169,144 @@ def duo_attention_gates(model, tokenizer, steps: int = 40, tokens: int = 1200, s
         for p in trainable:
             p.requires_grad_(True)
     return gates.detach()
+
+
+# Query statistics for Q-Filters and ExpectedAttention, saved as safetensors.
+
+CALIBRATION_FORMAT = "kvsqueeze-calibration/1"
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def calibration_ids(tokenizer, samples: int, tokens: int, text: str | None = None, seed: int = 0) -> list[torch.Tensor]:
+    """Up to `samples` consecutive pieces of `tokens` token ids [1, tokens] of `text` (default: the bundled essays)."""
+    if text is None:
+        text = "\n\n".join(haystack(tokenizer, (samples + 1) * tokens, seed=seed))
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if len(ids) < tokens:
+        raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than one sample of {tokens}")
+    return [ids[i * tokens:(i + 1) * tokens][None] for i in range(min(samples, len(ids) // tokens))]
+
+
+class QueryMoments(Method):
+    """Compresses nothing: sums, per compressible layer and query head, the queries of every forward and their
+    outer products, post-RoPE as attention saw them or pre-RoPE, the first `skip` tokens of a forward left out."""
+
+    def __init__(self, pre_rope: bool, skip: int = 0):
+        self.pre_rope, self.skip = pre_rope, skip
+        self.count: dict[int, int] = {}
+        self.sum: dict[int, torch.Tensor] = {}
+        self.outer: dict[int, torch.Tensor] = {}
+
+    def compress(self, ctx: LayerContext) -> None:
+        queries = (ctx.pre_rope_queries if self.pre_rope else ctx.queries)[0, :, self.skip:].double()  # [heads, n, d]
+        i = ctx.layer_idx
+        self.count[i] = self.count.get(i, 0) + queries.shape[1]
+        self.sum[i] = self.sum.get(i, 0) + queries.sum(1).cpu()
+        self.outer[i] = self.outer.get(i, 0) + (queries.transpose(-1, -2) @ queries).cpu()
+
+
+def query_moments(model, tokenizer, pre_rope: bool, samples: int, tokens: int, text: str | None, seed: int,
+                  skip: int = 0, progress: bool = True) -> QueryMoments:
+    moments = QueryMoments(pre_rope, skip)
+    with moments.apply(model), torch.no_grad():
+        for ids in tqdm(calibration_ids(tokenizer, samples, tokens, text, seed), desc="query statistics",
+                        disable=not progress):
+            model(ids.to(model.device), use_cache=True)
+    if not moments.count:
+        raise RuntimeError("no layer of the model was observed: it has no compressible (full attention) layer")
+    return moments
+
+
+def qfilter_filters(model, tokenizer, samples: int = 12, tokens: int = 1500, text: str | None = None, seed: int = 0,
+                    progress: bool = True) -> torch.Tensor:
+    """Q-Filters of `model`, [layers, kv_heads, head_dim], from its queries on local text.
+
+    Per layer and KV head, the filter is the first right singular vector of the matrix of the queries of the
+    query heads that share the KV head (post-RoPE, as attention sees them, so that it applies to the stored
+    post-RoPE keys), signed so that the queries' mean projection on it is positive: a key with a higher
+    projection then gets, on average, a higher attention logit (Godey et al., arXiv:2503.02812).
+    Layers that are never compressed (sliding-window) get a zero filter. On the bundled SmolLM2 (4 x 1000
+    tokens of essays, scored on another document), keeping the half of the keys that project highest keeps
+    93% of the attention mass of the last 256 queries; filters from pre-RoPE queries keep 87%, the opposite
+    sign 7%.
+    """
+    moments = query_moments(model, tokenizer, False, samples, tokens, text, seed, progress=progress)
+    config = model.config.get_text_config()
+    kv_heads, dim = config.num_key_value_heads, head_dim(config)
+    filters = torch.zeros(config.num_hidden_layers, kv_heads, dim)
+    for layer, outer in moments.outer.items():
+        gram = outer.view(kv_heads, -1, dim, dim).sum(1)  # Q^T Q of the stacked queries of each KV head's group
+        direction = torch.linalg.eigh(gram).eigenvectors[..., -1]  # [kv_heads, dim]
+        mean_projection = (moments.sum[layer].view(kv_heads, -1, dim).sum(1) * direction).sum(-1)
+        filters[layer] = (direction * torch.where(mean_projection < 0, -1.0, 1.0)[:, None]).float()
+    return filters
+
+
+def expected_attention_statistics(model, tokenizer, samples: int = 12, tokens: int = 1500, n_sink: int = 4,
+                                  text: str | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """ExpectedAttention's query statistics of `model` on local text: {"mean": [layers, heads, head_dim],
+    "covariance": [layers, heads, head_dim, head_dim]} of the pre-RoPE queries (after any query norm), the first
+    `n_sink` tokens of every sample left out, covariance unbiased, as kvpress's expected_attention_with_stats
+    collects them. Layers that are never compressed get zeros."""
+    moments = query_moments(model, tokenizer, True, samples, tokens, text, seed, skip=n_sink, progress=progress)
+    config = model.config.get_text_config()
+    heads, dim = config.num_attention_heads, head_dim(config)
+    mean = torch.zeros(config.num_hidden_layers, heads, dim)
+    covariance = torch.zeros(config.num_hidden_layers, heads, dim, dim)
+    for layer, outer in moments.outer.items():
+        n = moments.count[layer]
+        mu = moments.sum[layer] / n
+        mean[layer] = mu.float()
+        covariance[layer] = ((outer - n * mu[..., :, None] * mu[..., None, :]) / max(n - 1, 1)).float()
+    return {"mean": mean, "covariance": covariance}
+
+
+def calibration_shapes(kind: str, model) -> dict[str, tuple[int, ...]]:
+    """The tensors a calibration file of `kind` holds for `model`, with their shapes."""
+    config = model.config.get_text_config()
+    layers, dim = config.num_hidden_layers, head_dim(config)
+    if kind == "qfilter":
+        return {"filters": (layers, config.num_key_value_heads, dim)}
+    if kind == "expected_attention":
+        return {"mean": (layers, config.num_attention_heads, dim),
+                "covariance": (layers, config.num_attention_heads, dim, dim)}
+    raise ValueError(f"no calibration file kind {kind!r}")
+
+
+def save_calibration(path: str | Path, kind: str, tensors: dict[str, torch.Tensor], model,
+                     settings: dict | None = None) -> None:
+    """Write calibration tensors made on `model` as a safetensors file, with what they are in its metadata."""
+    metadata = {"format": CALIBRATION_FORMAT, "kind": kind, "model": str(getattr(model.config, "_name_or_path", "")),
+                "settings": json.dumps(settings or {})}
+    save_file({name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}, str(path), metadata)
+
+
+def load_calibration(source, kind: str, model) -> dict[str, torch.Tensor]:
+    """The tensors of a file written by `save_calibration` (or given as a dict), checked against `model`."""
+    command = f"`kvsqueeze calibrate {kind} --out FILE`"
+    if isinstance(source, dict):
+        tensors = {name: torch.as_tensor(t, dtype=torch.float32) for name, t in source.items()}
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"no {kind} calibration file at {path}; make one with {command}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"{path} is not a readable kvsqueeze calibration file ({error}); make one with {command}")
+        if metadata.get("format") != CALIBRATION_FORMAT:
+            raise ValueError(f"{path} is not a kvsqueeze calibration file; make one with {command}")
+        if metadata.get("kind") != kind:
+            raise ValueError(f"{path} holds {metadata.get('kind')} calibration, not {kind}; make one with {command}")
+    for name, shape in calibration_shapes(kind, model).items():
+        if name not in tensors:
+            raise ValueError(f"the {kind} calibration has no {name!r} tensor; make it with {command}")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"the {kind} calibration's {name} has shape {tuple(tensors[name].shape)}, but this model "
+                             f"needs {shape}: it was made for another model; make one with {command}")
+    return tensors

@@ -101,22 +101,64 @@ def demo_command(args) -> int:
     return 0
 
 
-def calibrate_command(args) -> int:
-    from . import calibration, models
+def calibrate_headkv(model, tokenizer, args) -> str:
+    from . import calibration
     from .head_scores import save_head_scores
 
+    lengths = (args.tokens // 2, args.tokens)
+    scores = calibration.retrieval_head_scores(model, tokenizer, samples=args.samples, lengths=lengths, seed=args.seed)
+    save_head_scores(args.out, scores, model, "headkv", {"samples": args.samples, "lengths": list(lengths),
+                                                         "seed": args.seed})
+    return f"headkv scores for {scores.shape[0]} layers x {scores.shape[1]} KV heads"
+
+
+def calibrate_duo_attention(model, tokenizer, args) -> str:
+    from . import calibration
+    from .head_scores import save_head_scores
+
+    gates = calibration.duo_attention_gates(model, tokenizer, steps=args.steps, tokens=args.tokens, seed=args.seed)
+    save_head_scores(args.out, gates, model, "duo_attention", {"steps": args.steps, "tokens": args.tokens,
+                                                               "seed": args.seed})
+    return f"duo_attention gates for {gates.shape[0]} layers x {gates.shape[1]} KV heads"
+
+
+def calibration_text(args) -> tuple[str | None, dict]:
+    """The local text the query statistics are collected on, and the settings that describe it."""
+    text = Path(args.text_file).read_text(encoding="utf-8") if args.text_file else None
+    return text, {"samples": args.samples, "tokens": args.tokens, "seed": args.seed,
+                  "text": args.text_file or "bundled essays"}
+
+
+def calibrate_qfilter(model, tokenizer, args) -> str:
+    from . import calibration
+
+    text, settings = calibration_text(args)
+    filters = calibration.qfilter_filters(model, tokenizer, samples=args.samples, tokens=args.tokens, text=text,
+                                          seed=args.seed)
+    calibration.save_calibration(args.out, "qfilter", {"filters": filters}, model, settings)
+    return f"Q-Filters for {filters.shape[0]} layers x {filters.shape[1]} KV heads"
+
+
+def calibrate_expected_attention(model, tokenizer, args) -> str:
+    from . import calibration
+
+    text, settings = calibration_text(args)
+    stats = calibration.expected_attention_statistics(model, tokenizer, samples=args.samples, tokens=args.tokens,
+                                                      text=text, seed=args.seed)
+    calibration.save_calibration(args.out, "expected_attention", stats, model, settings | {"n_sink": 4})
+    return f"query mean and covariance for {stats['mean'].shape[0]} layers x {stats['mean'].shape[1]} query heads"
+
+
+# kind -> routine(model, tokenizer, args) that writes args.out and says what it wrote
+CALIBRATIONS = {"headkv": calibrate_headkv, "duo_attention": calibrate_duo_attention, "qfilter": calibrate_qfilter,
+                "expected_attention": calibrate_expected_attention}
+
+
+def calibrate_command(args) -> int:
+    from . import models
+
     model, tokenizer = models.load(args.model)
-    if args.kind == "headkv":
-        lengths = (args.tokens // 2, args.tokens)
-        scores = calibration.retrieval_head_scores(model, tokenizer, samples=args.samples, lengths=lengths,
-                                                   seed=args.seed)
-        settings = {"samples": args.samples, "lengths": list(lengths), "seed": args.seed}
-    else:
-        scores = calibration.duo_attention_gates(model, tokenizer, steps=args.steps, tokens=args.tokens,
-                                                 seed=args.seed)
-        settings = {"steps": args.steps, "tokens": args.tokens, "seed": args.seed}
-    save_head_scores(args.out, scores, model, args.kind, settings)
-    print(f"wrote {args.kind} scores for {scores.shape[0]} layers x {scores.shape[1]} KV heads to {args.out}")
+    print(f"wrote {CALIBRATIONS[args.kind](model, tokenizer, args)} to {args.out}")
     return 0
 
 
@@ -215,16 +257,22 @@ def parser() -> argparse.ArgumentParser:
     ask.set_defaults(handler=ask_command)
 
     calibrate = commands.add_parser(
-        "calibrate", help="compute the head scores HeadKV or DuoAttention need, on your model, offline",
-        description="Compute per-head scores on a model with locally generated needle tasks and save them as JSON: "
-                    "`headkv` (retrieval-reasoning head importance, for HeadKV(head_scores=FILE)) or `duo_attention` "
-                    "(optimised retrieval/streaming gates, for DuoAttention(head_patterns=FILE)).")
-    calibrate.add_argument("kind", choices=["headkv", "duo_attention"])
-    calibrate.add_argument("-o", "--out", required=True, help="the JSON file to write")
+        "calibrate", help="compute what HeadKV, DuoAttention, QFilter or ExpectedAttention(stats=) need, on your "
+                          "model, offline",
+        description="Compute a method's calibration on a model, offline, and save it: `headkv` (retrieval-reasoning "
+                    "head importance, JSON, for HeadKV(head_scores=FILE)) and `duo_attention` (optimised "
+                    "retrieval/streaming gates, JSON, for DuoAttention(head_patterns=FILE)) on locally generated "
+                    "needle tasks; `qfilter` (Q-Filters, safetensors, for QFilter(filters=FILE)) and "
+                    "`expected_attention` (query mean and covariance, safetensors, for ExpectedAttention(stats=FILE)) "
+                    "on local text (the bundled essays, or --text-file).")
+    calibrate.add_argument("kind", choices=list(CALIBRATIONS))
+    calibrate.add_argument("-o", "--out", required=True, help="the file to write")
     calibrate.add_argument("--model", default=None, help="hub id or local folder (default: the bundled SmolLM2)")
-    calibrate.add_argument("--samples", type=int, default=12, help="headkv: needle samples")
+    calibrate.add_argument("--samples", type=int, default=12, help="needle samples (headkv) or text samples")
     calibrate.add_argument("--steps", type=int, default=40, help="duo_attention: optimisation steps")
-    calibrate.add_argument("--tokens", type=int, default=1500, help="context length of the calibration samples")
+    calibrate.add_argument("--tokens", type=int, default=1500, help="length in tokens of each calibration sample")
+    calibrate.add_argument("--text-file", help="qfilter, expected_attention: a local text file to calibrate on "
+                                               "(default: the bundled essays)")
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.set_defaults(handler=calibrate_command)
 

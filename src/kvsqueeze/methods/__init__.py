@@ -5,14 +5,17 @@ import json
 
 from .adakv import AdaKV
 from .base import REGISTRY, Method, ScorerMethod, as_scorer
+from .cap import Cap
 from .chunkkv import ChunkKV
 from .compactor import Compactor
 from .composed import Composed
 from .critical_adakv import CriticalAdaKV
 from .criticalkv import CriticalKV
+from .cur import CUR
 from .decoding_budget import DecodingBudget
 from .dms import DMS
 from .duo_attention import DuoAttention
+from .entropy_gated_chunkkv import EntropyGatedChunkKV
 from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .headkv import HeadKV
@@ -21,10 +24,15 @@ from .knorm import KNorm, l2_compress
 from .lagkv import LagKV
 from .leverage_score import LeverageScore
 from .merging import Merging
+from .minicache import MiniCache
+from .cam import CAM
+from .nacl import NACL
+from .scissorhands import Scissorhands
 from .non_causal_attention import NonCausalAttention
 from .per_layer_compression import PerLayerCompression
 from .observed_attention import MissingAttentionWeights, ObservedAttention
 from .pyramidkv import PyramidKV
+from .qfilter import QFilter
 from .simlayerkv import SimLayerKV
 from .random import Random
 from .rolling_streaming_llm import RollingStreamingLLM
@@ -34,8 +42,8 @@ from .think import ThinK
 from .tova import TOVA
 
 
-__all__ = ["AdaKV", "ChunkKV", "Compactor", "Composed", "CriticalAdaKV", "CriticalKV", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "H2O",
-           "HeadKV", "KeyDiff", "KNorm", "LagKV", "LeverageScore", "Merging", "NonCausalAttention", "ObservedAttention", "PerLayerCompression", "PyramidKV", "Random", "RollingStreamingLLM", "SimLayerKV",
+__all__ = ["AdaKV", "CAM", "MiniCache", "NACL", "Scissorhands", "Cap", "EntropyGatedChunkKV", "ChunkKV", "Compactor", "Composed", "CriticalAdaKV", "CriticalKV", "CUR", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "H2O",
+           "HeadKV", "KeyDiff", "KNorm", "LagKV", "LeverageScore", "Merging", "NonCausalAttention", "ObservedAttention", "PerLayerCompression", "PyramidKV", "QFilter", "Random", "RollingStreamingLLM", "SimLayerKV",
            "SnapKV", "StreamingLLM", "ThinK", "TOVA"]
 
 

@@ -27,27 +27,53 @@ class ExpectedAttention(ScorerMethod):
     next `n_future_positions` positions, and the expected attention of each key under it,
     softmax(s·mu·k + s²/2·k'Σk), is averaged over the query heads of a KV head and multiplied by
     the value norm. The sinks are always kept. Defaults are the paper's.
+
+    `stats=FILE` uses query statistics collected offline on the same model instead of the context's own
+    queries (the paper's "with stats" variant, kvpress ExpectedAttentionStatsPress): per layer and query
+    head, the mean and covariance of the pre-RoPE queries over local text, made by
+    `kvsqueeze calibrate expected_attention --out FILE`. The context's queries are then not needed.
     """
 
     name = "expected_attention"
 
     def __init__(self, ratio=None, budget=None, n_future_positions: int = 512, n_sink: int = 4,
-                 use_covariance: bool = True, use_vnorm: bool = True, epsilon: float = 0.0):
+                 use_covariance: bool = True, use_vnorm: bool = True, epsilon: float = 0.0, stats=None):
         super().__init__(ratio, budget)
         self.n_future_positions, self.n_sink = n_future_positions, n_sink
         self.use_covariance, self.use_vnorm, self.epsilon = use_covariance, use_vnorm, epsilon
+        self.stats, self.loaded = stats, None
 
-    def score(self, ctx: LayerContext) -> torch.Tensor:
-        rank = ctx.rank
-        n_sink = (ctx.held.amin(-1) - 1).clamp(min=0, max=self.n_sink)[:, None, None]  # per batch row
-        sink = (rank >= 0) & (rank < n_sink)
-        # statistics of the real queries of this forward, the sinks left out
+    def setup(self, model):
+        if self.stats is not None:
+            from ..calibration import load_calibration  # calibration runs methods: imported when used
+
+            self.loaded = load_calibration(self.stats, "expected_attention", model)
+
+    def query_statistics(self, ctx: LayerContext, rank: torch.Tensor, n_sink: torch.Tensor):
+        """Mean [batch, heads, d] and covariance [batch, heads, d, d] (None without use_covariance) of the
+        pre-RoPE queries: the saved statistics, or those of this forward's real queries, the sinks left out."""
+        batch = ctx.keys.shape[0]
+        if self.loaded is not None:
+            device = ctx.keys.device
+            mean = self.loaded["mean"][ctx.layer_idx].to(device).expand(batch, -1, -1)
+            covariance = self.loaded["covariance"][ctx.layer_idx].to(device).expand(batch, -1, -1, -1)
+            return mean, covariance if self.use_covariance else None
         queries = ctx.pre_rope_queries.float()
         counted = (rank[:, 0, -ctx.n_new:] >= n_sink[:, 0]).float()  # [batch, new]
         if ctx.new_real is not None:
             counted = counted * ctx.new_real.float()
         counted, count = counted[:, None, :, None], counted.sum(-1).clamp(min=1)[:, None, None]
-        mean = (queries * counted).sum(2) / count  # [batch, heads, d]
+        mean = (queries * counted).sum(2) / count
+        if not self.use_covariance:
+            return mean, None
+        centred = (queries - mean[:, :, None]) * counted
+        return mean, centred.transpose(-1, -2) @ centred / count[..., None]
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        rank = ctx.rank
+        n_sink = (ctx.held.amin(-1) - 1).clamp(min=0, max=self.n_sink)[:, None, None]  # per batch row
+        sink = (rank >= 0) & (rank < n_sink)
+        mean, covariance = self.query_statistics(ctx, rank, n_sink)
         rotation = torch.stack([  # [batch, d, d]: the future positions of each row follow its own length
             mean_rotation(*(t[0].float() for t in ctx.rotary_at(torch.arange(seen, seen + self.n_future_positions))),
                           ctx.head_dim) for seen in ctx.seen.tolist()])
@@ -55,9 +81,7 @@ class ExpectedAttention(ScorerMethod):
         keys = ctx.keys.float().repeat_interleave(ctx.group_size, dim=1)
         rotated_mean = torch.einsum("bhd,bed->bhe", mean, rotation)
         logits = torch.einsum("bhd,bhnd->bhn", rotated_mean, keys) * ctx.scaling
-        if self.use_covariance:
-            centred = (queries - mean[:, :, None]) * counted
-            covariance = centred.transpose(-1, -2) @ centred / count[..., None]
+        if covariance is not None:
             covariance = rotation[:, None] @ covariance @ rotation.transpose(-1, -2)[:, None]
             logits += 0.5 * ctx.scaling ** 2 * ((keys @ covariance) * keys).sum(-1)
         hidden = sink if ctx.real is None else sink | ~ctx.real  # the softmax is over the other tokens
@@ -69,4 +93,5 @@ class ExpectedAttention(ScorerMethod):
 
     def settings(self):
         return {"n_future_positions": self.n_future_positions, "n_sink": self.n_sink,
-                "use_covariance": self.use_covariance, "use_vnorm": self.use_vnorm, "epsilon": self.epsilon}
+                "use_covariance": self.use_covariance, "use_vnorm": self.use_vnorm, "epsilon": self.epsilon} | (
+                    {} if self.stats is None else {"stats": str(self.stats)[:80]})

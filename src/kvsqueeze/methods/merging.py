@@ -61,8 +61,12 @@ class Merging(ScorerWrapper):
         layer = ctx.layer
         if isinstance(layer, RaggedLayer):
             raise NotImplementedError("Merging compresses dense layers (one budget per head), not ragged ones")
-        layer.keys, layer.values = merge_evicted(ctx.keys, ctx.values, keep, real & ~keep, self.merge)
+        layer.keys, layer.values = self.merged(ctx, keep, real & ~keep)
         ctx.keep(keep)
+
+    def merged(self, ctx: LayerContext, keep: torch.Tensor, evicted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All stored keys and values, the `keep` ones [batch, kv_heads, stored] having absorbed the `evicted` ones."""
+        return merge_evicted(ctx.keys, ctx.values, keep, evicted, self.merge)
 
     def settings(self):
         return super().settings() | {"merge": self.merge}

@@ -1,0 +1,71 @@
+import torch
+import torch.nn.functional as F
+
+from ..hooks import LayerContext
+from .base import ScorerMethod
+from .expected_attention import mean_rotation
+
+
+def capacity_scores(anchor: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, counted: torch.Tensor,
+                    tau: float, epsilon: float) -> torch.Tensor:
+    """CapKV's score w_i * v_i' A^-1 v_i of every token, A = I + sum_j w_j v_j v_j' over the `counted` tokens.
+
+    anchor [batch, heads, dim]; keys, values [batch, heads, n, dim]; counted [batch, heads, n] (bool).
+    w_i = exp(tau * cos(anchor, k_i)), shifted by its maximum over the counted tokens of a head.
+    """
+    alignment = torch.einsum("bhd,bhnd->bhn", F.normalize(anchor, dim=-1), F.normalize(keys, dim=-1)).clamp(-1, 1)
+    logits = (tau * alignment).masked_fill(~counted, float("-inf"))
+    weights = (logits - logits.amax(-1, keepdim=True).clamp(min=-tau)).exp()  # 0 where not counted
+    scaled = values * (weights + epsilon * counted).sqrt()[..., None]
+    capacity = torch.eye(values.shape[-1], device=values.device) + scaled.transpose(-1, -2) @ scaled
+    leverage = (values * torch.linalg.solve(capacity, values.transpose(-1, -2)).transpose(-1, -2)).sum(-1)
+    return weights * leverage
+
+
+class Cap(ScorerMethod):
+    """Keeps the tokens that add most information capacity: relevance to past queries times value leverage.
+
+    "Rethinking KV Cache Eviction via a Unified Information-Theoretic Objective" (CapKV), arXiv:2604.25975.
+    Under a linear-Gaussian view of attention the retained cache's information is log det(I + sum w_i
+    v_i v_i'); a token scores w_i * v_i' A^-1 v_i (its weighted leverage in A = I + sum w_j v_j v_j'), with
+    w_i = exp(tau * <k_i, mu_q>) and mu_q the mean of the context's queries (before RoPE, the `n_sink`
+    first left out) rotated by the mean RoPE rotation of the next `n_future_positions` positions. As in
+    NVIDIA kvpress's CapPress, keys and anchor are L2-normalised and the weights max-shifted per head;
+    scores are averaged over the query heads of a KV head and the sinks are always kept. Defaults are
+    kvpress's (tau 5, 512 future positions, 4 sinks, epsilon 1e-6).
+    """
+
+    name = "cap"
+
+    def __init__(self, ratio=None, budget=None, tau: float = 5.0, n_future_positions: int = 512, n_sink: int = 4,
+                 epsilon: float = 1e-6):
+        super().__init__(ratio, budget)
+        if n_sink < 0 or n_future_positions < 1:
+            raise ValueError(f"Cap needs n_sink >= 0 and n_future_positions >= 1; got {n_sink}, {n_future_positions}")
+        self.tau, self.n_future_positions, self.n_sink, self.epsilon = tau, n_future_positions, n_sink, epsilon
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        rank = ctx.rank
+        n_sink = (ctx.held.amin(-1) - 1).clamp(min=0, max=self.n_sink)[:, None, None]  # per batch row
+        sink = (rank >= 0) & (rank < n_sink)
+        counted = rank >= n_sink  # real tokens past the sinks
+        # anchor: mean of the real queries of this forward past the sinks
+        queries = ctx.pre_rope_queries.float()
+        asking = (rank[:, 0, -ctx.n_new:] >= n_sink[:, 0]).float()
+        if ctx.new_real is not None:
+            asking = asking * ctx.new_real.float()
+        mean = (queries * asking[:, None, :, None]).sum(2) / asking.sum(-1).clamp(min=1)[:, None, None]
+        rotation = torch.stack([
+            mean_rotation(*(t[0].float() for t in ctx.rotary_at(torch.arange(seen, seen + self.n_future_positions))),
+                          ctx.head_dim) for seen in ctx.seen.tolist()])
+        anchor = torch.einsum("bhd,bed->bhe", mean, rotation)
+
+        group = ctx.group_size
+        scores = capacity_scores(anchor, ctx.keys.float().repeat_interleave(group, 1),
+                                 ctx.values.float().repeat_interleave(group, 1), counted.repeat_interleave(group, 1),
+                                 self.tau, self.epsilon)
+        return ctx.per_kv_head(scores).masked_fill(sink, float("inf"))
+
+    def settings(self):
+        return {"tau": self.tau, "n_future_positions": self.n_future_positions, "n_sink": self.n_sink,
+                "epsilon": self.epsilon}
