@@ -72,7 +72,8 @@ def build_method(name: str, ratio: float, model):
     if name == "lukv":  # curves from random head utilities over 64 ranks (real ones: kvsqueeze calibrate lukv)
         from kvsqueeze.methods.lukv import budget_curves
         full = [i for i, kind in enumerate(layer_types(model.config)) if kind == "full_attention"]
-        return cls(ratio=ratio, curves=budget_curves([head_table(model)[..., None] / torch.arange(1, 65)], full))
+        gains = (1 + head_table(model, seed=1))[..., None] / torch.arange(1, 65)  # [layers, kv heads, ranks]
+        return cls(ratio=ratio, curves=budget_curves([gains], full))
     if name == "headkv":
         return cls(ratio=ratio, head_scores=head_table(model))
     if name == "qfilter":  # random filters of the model's shape (real ones: kvsqueeze calibrate qfilter)
@@ -92,9 +93,12 @@ def build_method(name: str, ratio: float, model):
         return cls(budget=10**6 if ratio == 0 else 64)
     if name == "minference":  # sparse prefill attention; holds everything
         return cls(vertical_size=64, slash_size=10**6 if ratio == 0 else 64)
+    if name == "kvzap":  # an untrained surrogate: the tests need its shape, not its skill
+        from kvsqueeze.methods.kvzap import Surrogate
+        return cls(ratio=ratio, surrogate=Surrogate.for_model(model))
     if name == "rolling_streaming_llm":
         return cls(window=10**6 if ratio == 0 else 64, interval=8)
     return cls(ratio=ratio)
 
 
-RATIO_METHODS = ["adakv", "cam", "nacl", "cap", "entropy_gated_chunkkv", "chunkkv", "critical_adakv", "criticalkv", "cur", "expected_attention", "headkv", "keydiff", "knorm", "lagkv", "leverage_score", "non_causal_attention", "compactor", "merging", "observed_attention", "pyramidkv", "random", "snapkv", "streaming_llm", "tova"]
+RATIO_METHODS = ["adakv", "cam", "nacl", "cap", "entropy_gated_chunkkv", "kvgrad", "chunkkv", "critical_adakv", "criticalkv", "cur", "expected_attention", "headkv", "keydiff", "knorm", "kvcompose", "kvzip", "lagkv", "leverage_score", "non_causal_attention", "compactor", "merging", "observed_attention", "pyramidkv", "random", "snapkv", "streaming_llm", "tova"]

@@ -140,13 +140,14 @@ def pad_id(model, tokenizer) -> int:
 
 
 def prefill(model, ids: torch.Tensor, cache: SqueezeCache, method: Method | None, spans: list[slice] | None = None,
-            progress: bool = False, attention_mask: torch.Tensor | None = None) -> None:
+            progress: bool = False, attention_mask: torch.Tensor | None = None, prompt: Prompt | None = None) -> None:
     """Run the context through the model, filling `cache`; `method` compresses it layer by layer.
 
     With several `spans` (chunks, see `pack`), the context goes one span per forward and the method
     compresses the running cache after each, so the cache never holds more than the method's budget
     plus one chunk. `attention_mask` marks padding: positions count real tokens only, and padding is
     never attended or kept. When the cache has a quantizer, what it holds is quantized after each span.
+    Then `method.after_prefill` sees the whole context (`prompt`: its chat layout, for methods that prompt the model).
     """
     spans = spans or [slice(0, ids.shape[1])]
     if len(spans) > 1 and method is not None and method.needs_whole_context:
@@ -157,11 +158,15 @@ def prefill(model, ids: torch.Tensor, cache: SqueezeCache, method: Method | None
     if attention_mask is not None:
         attention_mask = attention_mask.to(model.device)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad(), (method.apply(model) if method is not None else nullcontext()):
-        for span in tqdm(spans, desc="prefill", disable=not progress or len(spans) == 1):
-            padding = {} if attention_mask is None else {"attention_mask": attention_mask[:, :span.stop],
-                                                         "position_ids": positions[:, span]}
-            base(input_ids=ids[:, span].to(model.device), past_key_values=cache, use_cache=True, **padding)
+    with torch.no_grad():
+        with method.apply(model) if method is not None else nullcontext():
+            for span in tqdm(spans, desc="prefill", disable=not progress or len(spans) == 1):
+                padding = {} if attention_mask is None else {"attention_mask": attention_mask[:, :span.stop],
+                                                             "position_ids": positions[:, span]}
+                base(input_ids=ids[:, span].to(model.device), past_key_values=cache, use_cache=True, **padding)
+                cache.quantize()
+        if method is not None:
+            method.after_prefill(model, cache, ids, attention_mask, prompt)
             cache.quantize()
 
 
@@ -221,7 +226,7 @@ def compress(model, tokenizer, context: str | torch.Tensor | list, method: Metho
     aligned = not any(isinstance(layer, SlidingWindowLayer) for layer in cache.layers)
     ids, mask, spans = pack(rows, chunk_size, pad_id(model, tokenizer), aligned)
     start = time.perf_counter()
-    prefill(model, ids, cache, method, spans, progress, mask)
+    prefill(model, ids, cache, method, spans, progress, mask, prompt)
     stats = measure(cache, rows, time.perf_counter() - start, codec)
     return CompressedContext(model, tokenizer, cache, ids, method, prompt, stats, mask, check_window)
 

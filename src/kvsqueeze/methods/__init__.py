@@ -21,7 +21,11 @@ from .h2o import H2O
 from .headkv import HeadKV
 from .keydiff import KeyDiff
 from .knorm import KNorm, l2_compress
+from .kvgrad import KVgrad
 from .lagkv import LagKV
+from .kvcompose import KVCompose
+from .kvzap import KVzap
+from .kvzip import KVzip
 from .leverage_score import LeverageScore
 from .merging import Merging
 from .minicache import MiniCache
@@ -42,8 +46,8 @@ from .think import ThinK
 from .tova import TOVA
 
 
-__all__ = ["AdaKV", "CAM", "MiniCache", "NACL", "Scissorhands", "Cap", "EntropyGatedChunkKV", "ChunkKV", "Compactor", "Composed", "CriticalAdaKV", "CriticalKV", "CUR", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "H2O",
-           "HeadKV", "KeyDiff", "KNorm", "LagKV", "LeverageScore", "Merging", "NonCausalAttention", "ObservedAttention", "PerLayerCompression", "PyramidKV", "QFilter", "Random", "RollingStreamingLLM", "SimLayerKV",
+__all__ = ["AdaKV", "CAM", "MiniCache", "NACL", "Scissorhands", "Cap", "EntropyGatedChunkKV", "KVgrad", "ChunkKV", "Compactor", "Composed", "CriticalAdaKV", "CriticalKV", "CUR", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "H2O",
+           "HeadKV", "KeyDiff", "KNorm", "KVCompose", "KVzap", "KVzip", "LagKV", "LeverageScore", "Merging", "NonCausalAttention", "ObservedAttention", "PerLayerCompression", "PyramidKV", "QFilter", "Random", "RollingStreamingLLM", "SimLayerKV",
            "SnapKV", "StreamingLLM", "ThinK", "TOVA"]
 
 

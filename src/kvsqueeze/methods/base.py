@@ -59,6 +59,14 @@ class Method:
     def compress(self, ctx: LayerContext) -> None:
         raise NotImplementedError
 
+    def after_prefill(self, model: torch.nn.Module, cache, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      prompt=None) -> None:
+        """Called once by `pipeline.prefill` when the whole context is in `cache`, after the attention hooks are
+        removed (no gradients). `ids` [batch, n] are the prefilled context ids, `attention_mask` marks their left
+        padding (None: none), `prompt` is the chat layout (a `Prompt`, None for bare token ids). Methods that decide
+        from extra forwards over the whole context (KVzip, KVCompose) do it here, on forks of the cache, and then
+        evict with `cache.keep`; they set `changes_prefill` and `needs_whole_context`. By default, nothing."""
+
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
         return f"{type(self).__name__}({args})"

@@ -22,6 +22,7 @@ class Composed(Method):
         if not self.methods:
             raise ValueError("Composed needs at least one method")
         self.needs_whole_context = any(m.needs_whole_context for m in self.methods)
+        self.changes_prefill = any(m.changes_prefill for m in self.methods)
 
     def setup(self, model: torch.nn.Module) -> None:
         for method in self.methods:
@@ -38,6 +39,10 @@ class Composed(Method):
         for method in self.methods:
             if method.acts_on(ctx):
                 method.compress(ctx)
+
+    def after_prefill(self, model, cache, ids, attention_mask=None, prompt=None) -> None:
+        for method in self.methods:
+            method.after_prefill(model, cache, ids, attention_mask, prompt)
 
     def describe(self):
         return {"methods": self.methods}

@@ -1,0 +1,112 @@
+from contextlib import contextmanager
+
+import torch
+
+from ..hooks import attention_modules
+from .kvzip import KVzip, attention_to, observe, output_norms, real_positions, repeat_inputs, rows, sink_length
+
+
+@contextmanager
+def differentiable(model):
+    """Activations carry gradients while the weights stay frozen: the embeddings are made to require grad and the
+    parameters stop requiring it (restored on exit; nothing is accumulated in any parameter's .grad)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.detach().requires_grad_())
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        hook.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def residual_norm(decoder_layer):
+    """The norm whose input is the pre-MLP residual stream (attention output already added), or None."""
+    for name in ("pre_feedforward_layernorm", "post_attention_layernorm"):  # Gemma-style first: post-attention is
+        if hasattr(decoder_layer, name):  # there a norm of the attention output, before the residual add
+            return getattr(decoder_layer, name)
+    return None
+
+
+@contextmanager
+def captured_residuals(model):
+    """{"residual": {layer: pre-MLP residual stream}, "last": output of the last decoder layer} of the next forward.
+
+    Where a decoder layer has no recognised norm before its MLP, the attention output stands in for the
+    residual (the same gradient in pre-norm models: the residual is the layer input plus that output)."""
+    captured = {"residual": {}, "last": None}
+
+    def keep(layer_idx, tensor):
+        captured["residual"][layer_idx] = tensor[0] if isinstance(tensor, tuple) else tensor
+
+    def on_last(module, args, output):
+        captured["last"] = output[0] if isinstance(output, tuple) else output
+
+    handles = [model.base_model.layers[-1].register_forward_hook(on_last)]
+    for decoder_layer, attention in zip(model.base_model.layers, attention_modules(model)):
+        norm, i = residual_norm(decoder_layer), attention.layer_idx
+        if norm is not None:
+            handles.append(norm.register_forward_pre_hook(lambda module, args, i=i: keep(i, args[0])))
+        else:
+            handles.append(attention.register_forward_hook(lambda module, args, out, i=i: keep(i, out)))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class KVgrad(KVzip):
+    """Keeps the KV pairs whose contribution, while the model repeats the context, most moves its final hidden states.
+
+    "KVgrad" (OpenReview cg1wTCJjjk; NVIDIA kvpress's KVgradPress), on top of KVzip's context reconstruction
+    (Kim et al., arXiv:2505.23416): after the prefill the model repeats the context chunk by chunk on the
+    full cache, and a KV pair c of layer l scores max over reconstruction tokens p (and the query heads
+    of its group) of A_pc * ||W_o v_c|| * ||d Phi / d a_p||, input x gradient attribution of the pair to
+    Phi = sum_p ||h_p||^2 over the last decoder layer's outputs. A is KVzip's attention (softmax over sinks,
+    chunk and repeated tokens); a_p is the pre-MLP residual stream of layer l (the input of its norm before
+    the MLP). Selection is KVzip's: `level="pair"`
+    over all layers and heads by default. kvpress's chunks of 512 tokens. Cost: per chunk one forward
+    and one backward over the chunk on the full cache (3-4x a prefill), weights untouched.
+    """
+
+    name = "kvgrad"
+
+    def __init__(self, ratio: float | None = None, budget: int | None = None, level: str = "pair",
+                 chunk_size: int = 512, n_sink: int = 4):
+        super().__init__(ratio, budget, level, chunk_size, n_sink)
+
+    def importance(self, model, cache, ids, attention_mask=None, prompt=None) -> dict[int, torch.Tensor]:
+        scores: dict[int, torch.Tensor] = {}
+        for b, fork, real_ids, mask in rows(cache, ids, attention_mask):
+            sink = sink_length(prompt, real_ids, self.n_sink)
+            for start, end, repeat in repeat_inputs(prompt, real_ids, sink, self.chunk_size, overlap=8):
+                contexts = []
+                with differentiable(model), captured_residuals(model) as captured:
+                    observe(model, fork, repeat, contexts.append, mask, start=len(real_ids))
+                    objective = captured["last"].float().pow(2).sum()
+                    layers = [ctx.layer_idx for ctx in contexts]
+                    grads = torch.autograd.grad(objective, [captured["residual"][i] for i in layers])
+                with torch.no_grad():
+                    for ctx, grad in zip(contexts, grads):
+                            self.score_chunk(scores, ctx, grad.float().norm(dim=-1), b, ids.shape[0], sink, start, end)
+        return scores
+
+    @staticmethod
+    def score_chunk(scores, ctx, gradient_norms, b, batch, sink, start, end):
+        """Scores of the chunk's pairs in this layer from its reconstruction forward; sinks +inf."""
+        positions = real_positions(ctx)
+        if ctx.layer_idx not in scores:
+            shape = (batch, ctx.n_kv_heads, ctx.n_stored - ctx.n_new)
+            scores[ctx.layer_idx] = torch.full(shape, float("-inf"), device=ctx.keys.device)
+        row = scores[ctx.layer_idx][b]
+        row[:, positions[:sink]] = float("inf")
+        columns = torch.cat([positions[:sink], positions[start:end]])
+        attributed = attention_to(ctx, columns, gradient_norms)[..., sink:] * output_norms(ctx, positions[start:end])
+        row[:, positions[start:end]] = attributed.view(1, ctx.n_kv_heads, ctx.group_size, -1).amax(2)[0]
+
+    def describe(self):
+        return self.budget.describe() | {"level": self.level, "chunk_size": self.chunk_size, "n_sink": self.n_sink}

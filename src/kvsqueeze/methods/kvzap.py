@@ -1,0 +1,222 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..hooks import LayerContext
+from .base import ScorerMethod
+from .dms import DMS
+from .kvzip import KVzip
+
+FORMAT = "kvsqueeze-kvzap/1"
+
+
+class Surrogate(nn.Module):
+    """KVzap's surrogate: per layer, a linear map or a one-hidden-layer MLP (GELU) from a token's hidden state
+    (the attention's input) to the log KVzip+ score of its KV pair in each KV head."""
+
+    def __init__(self, n_layers: int, hidden_size: int, kv_heads: int, kind: str = "mlp", hidden_dim: int = 512):
+        super().__init__()
+        if kind not in ("linear", "mlp"):
+            raise ValueError(f"a KVzap surrogate is 'linear' or 'mlp'; got {kind!r}")
+        self.kind, self.hidden_dim = kind, hidden_dim
+        self.shape = (n_layers, hidden_size, kv_heads)
+        self.layers = nn.ModuleList(
+            nn.Linear(hidden_size, kv_heads) if kind == "linear" else
+            nn.Sequential(nn.Linear(hidden_size, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, kv_heads))
+            for _ in range(n_layers))
+
+    @classmethod
+    def for_model(cls, model, kind: str = "mlp", hidden_dim: int = 512, seed: int = 0) -> "Surrogate":
+        """An untrained surrogate shaped for `model` (random weights)."""
+        config = model.config.get_text_config()
+        torch.manual_seed(seed)
+        return cls(config.num_hidden_layers, config.hidden_size, config.num_key_value_heads, kind, hidden_dim)
+
+    def forward(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Predicted log scores [batch, kv_heads, tokens] of hidden states [batch, tokens, hidden]."""
+        module = self.layers[layer]
+        weight = next(module.parameters())
+        return module(hidden_states.to(weight.device, weight.dtype)).transpose(1, 2)
+
+    def save(self, path: str | Path, model=None) -> None:
+        metadata = {"format": FORMAT, "kind": self.kind, "hidden_dim": str(self.hidden_dim),
+                    "shape": ",".join(map(str, self.shape)),
+                    "model": "" if model is None else str(getattr(model.config, "_name_or_path", ""))}
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}, str(path),
+                  metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Surrogate":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no KVzap surrogate at {path}; train one on your model with "
+                f"kvsqueeze.methods.kvzap.train_surrogate(model, tokenizer, out={str(path)!r})")
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a KVzap surrogate file (format {metadata.get('format')!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        n_layers, hidden_size, kv_heads = map(int, metadata["shape"].split(","))
+        surrogate = cls(n_layers, hidden_size, kv_heads, metadata["kind"], int(metadata["hidden_dim"]))
+        surrogate.load_state_dict(tensors)
+        return surrogate.eval()
+
+
+class KVzap(ScorerMethod):
+    """Keeps the tokens a small surrogate, reading their hidden states, predicts KVzip+ would keep.
+
+    Jeblick and Jegou, "KVzap: Fast, Adaptive, and Faithful KV Cache Pruning", arXiv:2601.07891. A
+    per-layer linear map or MLP (hidden 512, GELU), trained offline on the same model by
+    `train_surrogate` to predict log KVzip+ scores (attention in the reconstruction of the context,
+    divided by the query's hidden-state norm, times ||W_o v||) from the attention's input, scores every
+    token in one pass, without extra forwards. With `threshold` (the paper's use, as kvpress's
+    DMSPress: the leaderboard runs thresholds -3 to -6 with a 128-token window, prefill only) a head
+    keeps the tokens scoring at least the threshold plus the last `window_size` tokens, so the budget
+    adapts to the input (heads ragged); otherwise `ratio` / `budget` keep each head's top scores.
+    `surrogate` is the file `train_surrogate` saved (or a `Surrogate`).
+    """
+
+    name = "kvzap"
+    needs_whole_context = True  # the scores of earlier chunks' tokens are not kept
+
+    def __init__(self, ratio: float | None = None, budget: int | None = None, surrogate=None,
+                 threshold: float | None = None, window_size: int = 128):
+        if surrogate is None:
+            raise ValueError("KVzap needs a surrogate trained on your model: surrogate=FILE from "
+                             "kvsqueeze.methods.kvzap.train_surrogate(model, tokenizer, out=FILE)")
+        if threshold is not None and (ratio is not None or budget is not None):
+            raise ValueError("give KVzap a threshold or a ratio / budget, not both")
+        super().__init__(ratio, budget)
+        self.surrogate, self.threshold, self.window_size = surrogate, threshold, window_size
+        self.dms = None if threshold is None else DMS(threshold, scorer=self, window_size=window_size)
+
+    def setup(self, model):
+        if not isinstance(self.surrogate, Surrogate):
+            self.surrogate = Surrogate.load(self.surrogate)
+        config = model.config.get_text_config()
+        expected = (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads)
+        if self.surrogate.shape != expected:
+            raise ValueError(f"this KVzap surrogate was made for {self.surrogate.shape} (layers, hidden size, KV heads), "
+                             f"not this model's {expected}: train one with train_surrogate")
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        if ctx.n_stored != ctx.n_new:
+            raise ValueError("KVzap scores the tokens of the forward that adds them: compress the whole context at once")
+        return self.surrogate(ctx.layer_idx, ctx.hidden_states).float()
+
+    def compress(self, ctx: LayerContext) -> None:
+        if self.dms is None:
+            super().compress(ctx)
+        else:
+            self.dms.compress(ctx)
+
+    def describe(self):
+        budget = {"threshold": self.threshold, "window_size": self.window_size} if self.dms else self.budget.describe()
+        source = self.surrogate if not isinstance(self.surrogate, Surrogate) else f"<{self.surrogate.kind} surrogate>"
+        return budget | {"surrogate": str(source)[:80]}
+
+
+class _Recorder(KVzip):
+    """KVzip(+) that evicts nothing: records each layer's hidden states during the prefill and the scores after."""
+
+    name = ""  # not registered
+
+    def __init__(self, plus: bool = True, chunk_size: int = 2000):
+        super().__init__(ratio=0.5, plus=plus, chunk_size=chunk_size)
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.scores: dict[int, torch.Tensor] = {}
+
+    def acts_on(self, ctx):
+        return True
+
+    def compress(self, ctx):
+        self.hidden[ctx.layer_idx] = ctx.hidden_states[0].float().cpu()
+
+    def after_prefill(self, model, cache, ids, attention_mask=None, prompt=None):
+        self.scores = {i: s[0].float().cpu() for i, s in self.importance(model, cache, ids, attention_mask,
+                                                                           prompt).items()}
+
+
+def kvzip_targets(model, tokenizer, texts: list[str], plus: bool = True, progress: bool = True
+                  ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (hidden states [n, hidden], KVzip(+) scores [n, kv_heads])} over the tokens of `texts` (sinks and the
+    chat template's header left out), from KVzip's reconstruction on the full cache."""
+    from ..pipeline import compress
+
+    pairs: dict[int, list] = {}
+    for text in tqdm(texts, desc="KVzip scores", disable=not progress):
+        recorder = _Recorder(plus=plus)
+        compress(model, tokenizer, text, recorder)
+        for layer, scores in recorder.scores.items():
+            scored = torch.isfinite(scores[0])
+            pairs.setdefault(layer, []).append((recorder.hidden[layer][scored], scores[:, scored].T))
+    return {layer: (torch.cat([h for h, _ in p]), torch.cat([s for _, s in p])) for layer, p in pairs.items()}
+
+
+def default_texts(tokenizer, samples: int, tokens: int) -> list[str]:
+    """`samples` pieces of about `tokens` tokens of the bundled essays."""
+    from ..evaluation.needle import haystack
+
+    return ["\n\n".join(haystack(tokenizer, tokens, seed=seed)) for seed in range(samples)]
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, module: nn.Linear, alpha: float = 1.0) -> None:
+    """Ridge regression (with intercept, penalty `alpha`, as scikit-learn's Ridge) into `module`."""
+    mean_x, mean_y = x.mean(0), y.mean(0)
+    xc, yc = x - mean_x, y - mean_y
+    weight = torch.linalg.solve(xc.T @ xc + alpha * torch.eye(x.shape[1]), xc.T @ yc)  # [hidden, kv]
+    module.weight.data.copy_(weight.T)
+    module.bias.data.copy_(mean_y - mean_x @ weight)
+
+
+def fit_mlp(x: torch.Tensor, y: torch.Tensor, module: nn.Module, epochs: int, lr: float, batch_size: int,
+            seed: int) -> None:
+    """MSE with AdamW, a cosine learning-rate schedule and gradient clipping at 1 (kvpress's training)."""
+    generator = torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.AdamW(module.parameters(), lr=lr)
+    steps = epochs * math.ceil(len(x) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(steps, 1))
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for batch in torch.randperm(len(x), generator=generator).split(batch_size):
+                loss = nn.functional.mse_loss(module(x[batch]), y[batch])
+                optimiser.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+                optimiser.step()
+                schedule.step()
+
+
+def train_surrogate(model, tokenizer, texts: list[str] | None = None, out: str | Path | None = None,
+                    kind: str = "mlp", hidden_dim: int = 512, samples: int = 16, tokens: int = 1000,
+                    epochs: int = 15, lr: float = 5e-3, batch_size: int = 512, seed: int = 0,
+                    progress: bool = True) -> Surrogate:
+    """Train KVzap's surrogate on `model`, offline; save it to `out` (safetensors) when given.
+
+    Targets are log KVzip+ scores of the tokens of `texts` (default: `samples` pieces of `tokens` tokens
+    of the bundled essays; kvpress trains on ~1000-token texts of a multi-domain corpus), computed by
+    KVzip's reconstruction on the full cache. "linear" is a ridge regression per layer; "mlp" (the
+    paper's better variant) is trained with AdamW (lr 5e-3, 15 epochs, batches of 512, as kvpress).
+    """
+    if texts is None:
+        texts = default_texts(tokenizer, samples, tokens)
+    data = kvzip_targets(model, tokenizer, texts, plus=True, progress=progress)
+    surrogate = Surrogate.for_model(model, kind, hidden_dim, seed)
+    for layer, (x, scores) in tqdm(data.items(), desc="KVzap surrogate", disable=not progress):
+        y = scores.clamp(min=1e-12).log()
+        if kind == "linear":
+            fit_linear(x, y, surrogate.layers[layer])
+        else:
+            fit_mlp(x, y, surrogate.layers[layer], epochs, lr, batch_size, seed)
+    surrogate.eval()
+    if out is not None:
+        surrogate.save(out, model)
+    return surrogate

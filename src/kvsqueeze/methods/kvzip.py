@@ -1,0 +1,223 @@
+import torch
+
+from ..budgets import Uniform, top_k_per_head
+from ..cache import CompressibleLayer
+from ..hooks import LayerContext, hooked
+from .base import Method
+
+REPEAT_FIRST = "\n\nRepeat the previous context exactly."
+REPEAT_NEXT = "\n\nRepeat the part of the previous context exactly, starting with"
+
+
+class _Observer(Method):
+    """Hands every compressible attention layer of a forward to a callback; evicts nothing."""
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    def acts_on(self, ctx):
+        return True
+
+    def compress(self, ctx):
+        self.callback(ctx)
+
+
+def observe(model, cache, ids: torch.Tensor, callback, attention_mask=None, start: int = 0) -> None:
+    """Run `ids` [1, q] after what `cache` holds, on a fork of it (the cache is left as it was), calling
+    `callback(ctx)` after each compressible attention layer. `start`: the position of the first new token;
+    `attention_mask` marks the cache's left padding (then extended over the new tokens)."""
+    extra = {}
+    if attention_mask is not None:
+        ones = torch.ones(1, ids.shape[1], dtype=attention_mask.dtype, device=attention_mask.device)
+        extra = {"attention_mask": torch.cat([attention_mask, ones], 1),
+                 "position_ids": torch.arange(start, start + ids.shape[1], device=model.device)[None]}
+    with hooked(model, _Observer(callback)):
+        model.base_model(input_ids=ids.to(model.device), past_key_values=cache.fork(), use_cache=True, **extra)
+
+
+def rows(cache, ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """For each batch row: (row, a fork of the cache holding that row only, its real ids, its padding mask or None)."""
+    for b in range(ids.shape[0]):
+        fork = cache.fork()
+        if ids.shape[0] > 1:
+            for layer in fork.layers:
+                layer.batch_select_indices(torch.tensor([b]))
+        mask = None if attention_mask is None else attention_mask[b:b + 1]
+        real = ids[b] if mask is None else ids[b][mask[0].bool().cpu()]
+        yield b, fork, real, None if mask is None or bool(mask.all()) else mask
+
+
+def compressible_layers(cache) -> list[int]:
+    return [i for i, layer in enumerate(cache.layers) if isinstance(layer, CompressibleLayer)]
+
+
+def real_positions(ctx: LayerContext) -> torch.Tensor:
+    """Stored positions of the context's real tokens (the stored tokens before this forward's), in order."""
+    n_context = ctx.n_stored - ctx.n_new
+    if ctx.real is None:
+        return torch.arange(n_context, device=ctx.keys.device)
+    return ctx.real[0, 0, :n_context].nonzero()[:, 0]  # every head holds the same tokens before compression
+
+
+def attention_to(ctx: LayerContext, columns: torch.Tensor, query_weights: torch.Tensor | None = None,
+                 reduce: str = "max", block: int = 512) -> torch.Tensor:
+    """[batch, heads, len(columns)]: the most (`reduce="max"`) or the mean attention the new queries of this forward
+    pay to each stored token `columns`, the softmax being over those tokens and the new ones (causal).
+    `query_weights` [batch, new] scale each query's probabilities first. Queries go `block` at a time: no
+    new x stored matrix is held."""
+    batch, heads, n_new, dim = ctx.queries.shape
+    n_columns = len(columns)
+    queries = (ctx.queries * ctx.scaling).view(batch, ctx.n_kv_heads, ctx.group_size, n_new, dim)
+    keys = torch.cat([ctx.keys[:, :, columns], ctx.keys[:, :, -n_new:]], 2)  # each KV head's, shared by its group
+    best = torch.zeros(batch, heads, n_columns, device=keys.device)
+    for start in range(0, n_new, block):
+        end = min(start + block, n_new)  # the new tokens after `end` are in every query's future: left out
+        part = queries[:, :, :, start:end].reshape(batch, ctx.n_kv_heads, -1, dim)  # the group's queries together
+        logits = (part @ keys[:, :, :n_columns + end].transpose(-1, -2)).float()
+        logits = logits.view(batch, heads, end - start, n_columns + end)
+        future = (torch.arange(end, device=keys.device)[None, :]
+                  > torch.arange(start, end, device=keys.device)[:, None])
+        logits[..., n_columns:] = logits[..., n_columns:].masked_fill(future, float("-inf"))
+        probs = logits.softmax(-1)[..., :n_columns]  # [batch, heads, block, columns]
+        if query_weights is not None:
+            probs = probs * query_weights[:, None, start:end, None]
+        best = torch.maximum(best, probs.amax(2)) if reduce == "max" else best + probs.sum(2)
+    return best if reduce == "max" else best / n_new
+
+
+def output_norms(ctx: LayerContext, positions: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, len(positions)]: ||W_o,h v|| of the stored values at `positions`, for each query head h:
+    how much a token's value can move the residual stream through that head (KVzip+)."""
+    o_proj = getattr(ctx.module, "o_proj", None)
+    if o_proj is None:
+        raise ValueError(f"{type(ctx.module).__name__} has no o_proj: KVzip+ normalisation needs the output projection")
+    heads = ctx.queries.shape[1]
+    weight = o_proj.weight.float().view(o_proj.weight.shape[0], heads, -1)  # [hidden, heads, head_dim]
+    values = ctx.values[:, :, positions].float().repeat_interleave(ctx.group_size, 1)
+    return torch.einsum("bhnd,ehd->bhne", values, weight).norm(dim=-1)
+
+
+def sink_length(prompt, ids: torch.Tensor, n_sink: int) -> int:
+    """Leading tokens that are always kept: the chat template's header (system prompt, user turn start) when the
+    context starts with it, and at least `n_sink`."""
+    header = 0
+    if prompt is not None and prompt.templated:
+        prefix = prompt.tokenizer(prompt.prefix, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        if len(prefix) <= len(ids) and torch.equal(ids[:len(prefix)].cpu(), prefix):
+            header = len(prefix)
+    return min(max(n_sink, header), len(ids))
+
+
+def repeat_inputs(prompt, ids: torch.Tensor, sink: int, chunk_size: int, overlap: int
+                  ) -> list[tuple[int, int, torch.Tensor]]:
+    """KVzip's reconstruction inputs: (start, end, input ids [1, q]) per chunk of the context after the sinks; the
+    input asks to repeat the context (from the last `overlap` tokens of the previous chunk) and then repeats the
+    chunk, teacher-forced. Without a tokenizer (bare ids), the input is the chunk alone."""
+    tokenizer = None if prompt is None else prompt.tokenizer
+    encode = lambda text: tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    suffix = None if tokenizer is None else encode(prompt.suffix if prompt.templated else "\n")
+    inputs = []
+    for start in range(sink, len(ids), chunk_size):
+        end = min(start + chunk_size, len(ids))
+        chunk = ids[start:end].cpu()
+        if tokenizer is None:
+            parts = [chunk]
+        elif start == sink:
+            parts = [encode(REPEAT_FIRST), suffix, chunk]
+        else:
+            parts = [encode(REPEAT_NEXT), ids[max(sink, start - overlap):start].cpu(), suffix, chunk]
+        inputs.append((start, end, torch.cat(parts)[None]))
+    return inputs
+
+
+def select(scores: list[torch.Tensor], totals: torch.Tensor, level: str, budget: Uniform, seen: list[int]
+           ) -> list[torch.Tensor]:
+    """Keep-masks from per-layer scores [batch, kv_heads, stored] (padding -inf): "pair" keeps each row's
+    `totals` highest scores over all layers and heads, "layer" each layer's share over its heads, "head" every
+    head's uniform share."""
+    if level == "head":
+        return [budget.select(s, torch.tensor(seen)) for s in scores]
+    if level == "layer":
+        return [top_k_per_head(s.flatten(1)[:, None], totals[:, None] // len(scores)).view_as(s) for s in scores]
+    flat = torch.cat([s.flatten(1) for s in scores], 1)[:, None]
+    keep = top_k_per_head(flat, totals[:, None])[:, 0].split([s[0].numel() for s in scores], 1)
+    return [k.view_as(s) for k, s in zip(keep, scores)]
+
+
+class KVzip(Method):
+    """Keeps the KV pairs the model attends to most when asked to repeat the context, chosen over all layers and heads.
+
+    Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction", arXiv:2505.23416.
+    After the prefill the model is given "Repeat the previous context exactly." and the context again
+    (teacher-forced), chunk by chunk (`chunk_size` 2000 tokens as the authors' code; a chunk's prompt
+    quotes the last 8 tokens of the one before), on the full cache; each KV pair scores the most
+    attention any reconstruction query of its KV head's group pays it, the softmax being over the
+    sinks, the chunk and the repeated tokens. The chat template's header (and at least `n_sink` tokens)
+    is always kept. `level="pair"` (the paper's default, non-uniform) keeps the highest scores over all
+    layers and heads, so heads and layers keep different numbers of tokens (stored ragged); "layer"
+    shares each layer's budget among its heads; "head" keeps the same number in every head.
+    `plus=True` is KVzip+ (arXiv:2601.07891): attention divided by the query's hidden-state norm and
+    multiplied by ||W_o v||. Extra cost: one more forward over the context (plus prompts), on a
+    temporary fork of the cache holding one chunk more.
+    """
+
+    name = "kvzip"
+    needs_whole_context = True
+    changes_prefill = True
+
+    def __init__(self, ratio: float | None = None, budget: int | None = None, level: str = "pair",
+                 chunk_size: int = 2000, n_sink: int = 4, plus: bool = False):
+        if level not in ("pair", "layer", "head"):
+            raise ValueError(f"level is 'pair', 'layer' or 'head'; got {level!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive; got {chunk_size}")
+        self.budget = Uniform(ratio=0.5 if ratio is None and budget is None else ratio, tokens=budget)
+        self.level, self.chunk_size, self.n_sink, self.plus = level, chunk_size, n_sink, plus
+
+    def acts_on(self, ctx):
+        return False  # everything happens after the prefill
+
+    def after_prefill(self, model, cache, ids, attention_mask=None, prompt=None):
+        layers = compressible_layers(cache)
+        if not layers:
+            return
+        seen = cache.layers[layers[0]].row_lengths(ids.shape[0]).tolist()
+        if all(self.budget.n_keep(n) >= n for n in seen):
+            return  # nothing to evict: no extra forward, the model is reproduced exactly
+        scores = self.importance(model, cache, ids, attention_mask, prompt)
+        self.evict(cache, [scores[i] for i in layers], layers, seen)
+
+    def evict(self, cache, scores: list[torch.Tensor], layers: list[int], seen: list[int]) -> None:
+        heads = scores[0].shape[1]
+        totals = torch.tensor([self.budget.n_keep(n) * heads * len(layers) for n in seen])
+        for i, keep in zip(layers, select(scores, totals, self.level, self.budget, seen)):
+            cache.keep(i, keep)
+
+    def importance(self, model, cache, ids, attention_mask=None, prompt=None) -> dict[int, torch.Tensor]:
+        """KVzip scores of every stored token, {layer: [batch, kv_heads, stored]}: sinks +inf, padding -inf."""
+        scores: dict[int, torch.Tensor] = {}
+        for b, fork, real_ids, mask in rows(cache, ids, attention_mask):
+            sink = sink_length(prompt, real_ids, self.n_sink)
+            for start, end, repeat in repeat_inputs(prompt, real_ids, sink, self.chunk_size, overlap=8):
+                def score_chunk(ctx, start=start, end=end, sink=sink):
+                    positions = real_positions(ctx)
+                    if ctx.layer_idx not in scores:
+                        shape = (ids.shape[0], ctx.n_kv_heads, ctx.n_stored - ctx.n_new)
+                        scores[ctx.layer_idx] = torch.full(shape, float("-inf"), device=ctx.keys.device)
+                    row = scores[ctx.layer_idx][b]
+                    row[:, positions[:sink]] = float("inf")
+                    columns = torch.cat([positions[:sink], positions[start:end]])
+                    weights = None
+                    if self.plus:
+                        weights = 1 / ctx.hidden_states.float().norm(dim=-1).clamp(min=1e-6)
+                    seen_by = attention_to(ctx, columns, weights)[..., sink:]
+                    if self.plus:
+                        seen_by = seen_by * output_norms(ctx, positions[start:end])
+                    group = seen_by.view(1, ctx.n_kv_heads, ctx.group_size, -1).amax(2)
+                    row[:, positions[start:end]] = group[0]
+                observe(model, fork, repeat, score_chunk, mask, start=len(real_ids))
+        return scores
+
+    def describe(self):
+        return self.budget.describe() | {"level": self.level, "chunk_size": self.chunk_size, "n_sink": self.n_sink,
+                                         "plus": self.plus}
