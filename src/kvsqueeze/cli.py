@@ -149,9 +149,18 @@ def calibrate_expected_attention(model, tokenizer, args) -> str:
     return f"query mean and covariance for {stats['mean'].shape[0]} layers x {stats['mean'].shape[1]} query heads"
 
 
+def calibrate_kvzap(model, tokenizer, args) -> str:
+    from .methods.kvzap import train_surrogate
+
+    text, _ = calibration_text(args)
+    surrogate = train_surrogate(model, tokenizer, texts=None if text is None else [text], out=args.out,
+                                samples=args.samples, tokens=args.tokens, seed=args.seed)
+    return f"a KVzap surrogate ({surrogate.kind}) for {len(surrogate.layers)} layers"
+
+
 # kind -> routine(model, tokenizer, args) that writes args.out and says what it wrote
 CALIBRATIONS = {"headkv": calibrate_headkv, "duo_attention": calibrate_duo_attention, "qfilter": calibrate_qfilter,
-                "expected_attention": calibrate_expected_attention}
+                "expected_attention": calibrate_expected_attention, "kvzap": calibrate_kvzap}
 
 
 def calibrate_command(args) -> int:
@@ -257,14 +266,15 @@ def parser() -> argparse.ArgumentParser:
     ask.set_defaults(handler=ask_command)
 
     calibrate = commands.add_parser(
-        "calibrate", help="compute what HeadKV, DuoAttention, QFilter or ExpectedAttention(stats=) need, on your "
+        "calibrate", help="compute what HeadKV, DuoAttention, QFilter, KVzap or ExpectedAttention(stats=) need, on your "
                           "model, offline",
         description="Compute a method's calibration on a model, offline, and save it: `headkv` (retrieval-reasoning "
                     "head importance, JSON, for HeadKV(head_scores=FILE)) and `duo_attention` (optimised "
                     "retrieval/streaming gates, JSON, for DuoAttention(head_patterns=FILE)) on locally generated "
                     "needle tasks; `qfilter` (Q-Filters, safetensors, for QFilter(filters=FILE)) and "
                     "`expected_attention` (query mean and covariance, safetensors, for ExpectedAttention(stats=FILE)) "
-                    "on local text (the bundled essays, or --text-file).")
+                    "on local text (the bundled essays, or --text-file); `kvzap` (a surrogate of KVzip+ scores trained on local "
+                    "text, safetensors, for KVzap(surrogate=FILE)).")
     calibrate.add_argument("kind", choices=list(CALIBRATIONS))
     calibrate.add_argument("-o", "--out", required=True, help="the file to write")
     calibrate.add_argument("--model", default=None, help="hub id or local folder (default: the bundled SmolLM2)")

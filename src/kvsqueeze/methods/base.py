@@ -27,6 +27,9 @@ class Method:
     # True: the method changes the prefill itself (its attention, or extra forwards), so the context's
     # activations are not those of the plain model and one prefill cannot serve it and other methods
     changes_prefill: ClassVar[bool] = False
+    # the `kvsqueeze calibrate` kind that makes what the method loads (computed offline on the user's model), if any
+    calibration: ClassVar[str | None] = None
+    calibration_required: ClassVar[bool] = True  # False: the method also runs without it
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -17,6 +17,7 @@ class DuoAttention(Method):
     """
 
     name = "duo_attention"
+    calibration = "duo_attention"
 
     def __init__(self, head_patterns=None, sparsity: float = 0.5, threshold: float | None = None,
                  sink_size: int = 64, recent_size: int = 256):

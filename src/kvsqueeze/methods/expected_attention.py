@@ -35,6 +35,8 @@ class ExpectedAttention(ScorerMethod):
     """
 
     name = "expected_attention"
+    calibration = "expected_attention"
+    calibration_required = False
 
     def __init__(self, ratio=None, budget=None, n_future_positions: int = 512, n_sink: int = 4,
                  use_covariance: bool = True, use_vnorm: bool = True, epsilon: float = 0.0, stats=None):

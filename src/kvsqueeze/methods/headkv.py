@@ -18,6 +18,7 @@ class HeadKV(ScorerMethod):
     """
 
     name = "headkv"
+    calibration = "headkv"
 
     def __init__(self, ratio=None, budget=None, head_scores=None, beta: float = 1.01, window_size: int = 8,
                  kernel_size: int = 7, pooling: str = "max"):

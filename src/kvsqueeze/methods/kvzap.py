@@ -17,6 +17,26 @@ from .kvzip import KVzip
 FORMAT = "kvsqueeze-kvzap/1"
 
 
+def save_module(module: nn.Module, path: str | Path, format: str, model=None, metadata: dict | None = None) -> None:
+    """A module trained offline on `model`, as safetensors (float32) with its `format` and `metadata` in the header."""
+    header = {"format": format, "model": "" if model is None else str(getattr(model.config, "_name_or_path", ""))}
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}, str(path),
+              metadata=header | (metadata or {}))
+
+
+def read_module(path: str | Path, format: str, what: str, routine: str) -> tuple[dict, dict]:
+    """(tensors, header) of a file `save_module` wrote in `format`; a missing file says which `routine` makes one."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no {what} at {path}; train one on your model with "
+                                f"{routine}(model, tokenizer, out={str(path)!r})")
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != format:
+            raise ValueError(f"{path} is not a {what} file (format {metadata.get('format')!r})")
+        return {k: f.get_tensor(k) for k in f.keys()}, metadata
+
+
 class Surrogate(nn.Module):
     """KVzap's surrogate: per layer, a linear map or a one-hidden-layer MLP (GELU) from a token's hidden state
     (the attention's input) to the log KVzip+ score of its KV pair in each KV head."""
@@ -46,24 +66,12 @@ class Surrogate(nn.Module):
         return module(hidden_states.to(weight.device, weight.dtype)).transpose(1, 2)
 
     def save(self, path: str | Path, model=None) -> None:
-        metadata = {"format": FORMAT, "kind": self.kind, "hidden_dim": str(self.hidden_dim),
-                    "shape": ",".join(map(str, self.shape)),
-                    "model": "" if model is None else str(getattr(model.config, "_name_or_path", ""))}
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}, str(path),
-                  metadata=metadata)
+        save_module(self, path, FORMAT, model, {"kind": self.kind, "hidden_dim": str(self.hidden_dim),
+                                                "shape": ",".join(map(str, self.shape))})
 
     @classmethod
     def load(cls, path: str | Path) -> "Surrogate":
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"no KVzap surrogate at {path}; train one on your model with "
-                f"kvsqueeze.methods.kvzap.train_surrogate(model, tokenizer, out={str(path)!r})")
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a KVzap surrogate file (format {metadata.get('format')!r})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors, metadata = read_module(path, FORMAT, "KVzap surrogate", "kvsqueeze.methods.kvzap.train_surrogate")
         n_layers, hidden_size, kv_heads = map(int, metadata["shape"].split(","))
         surrogate = cls(n_layers, hidden_size, kv_heads, metadata["kind"], int(metadata["hidden_dim"]))
         surrogate.load_state_dict(tensors)
@@ -85,6 +93,7 @@ class KVzap(ScorerMethod):
     """
 
     name = "kvzap"
+    calibration = "kvzap"
     needs_whole_context = True  # the scores of earlier chunks' tokens are not kept
 
     def __init__(self, ratio: float | None = None, budget: int | None = None, surrogate=None,

@@ -19,6 +19,7 @@ class QFilter(ScorerMethod):
     """
 
     name = "qfilter"
+    calibration = "qfilter"
 
     def __init__(self, ratio=None, budget=None, filters=None):
         super().__init__(ratio, budget)
