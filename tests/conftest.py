@@ -96,9 +96,12 @@ def build_method(name: str, ratio: float, model):
     if name == "kvzap":  # an untrained surrogate: the tests need its shape, not its skill
         from kvsqueeze.methods.kvzap import Surrogate
         return cls(ratio=ratio, surrogate=Surrogate.for_model(model))
+    if name == "fastkvzip":  # untrained gates: the tests need their shape, not their skill
+        from kvsqueeze.methods.fastkvzip import Gates
+        return cls(ratio=ratio, gates=Gates.for_model(model))
     if name == "rolling_streaming_llm":
         return cls(window=10**6 if ratio == 0 else 64, interval=8)
     return cls(ratio=ratio)
 
 
-RATIO_METHODS = ["adakv", "cam", "nacl", "cap", "entropy_gated_chunkkv", "kvgrad", "chunkkv", "critical_adakv", "criticalkv", "cur", "expected_attention", "headkv", "keydiff", "knorm", "kvcompose", "kvzip", "lagkv", "leverage_score", "non_causal_attention", "compactor", "merging", "observed_attention", "pyramidkv", "random", "snapkv", "streaming_llm", "tova"]
+RATIO_METHODS = ["lukv", "adakv", "block", "chunk", "finch", "key_rerotation", "cam", "nacl", "cap", "entropy_gated_chunkkv", "kvgrad", "chunkkv", "critical_adakv", "criticalkv", "cur", "expected_attention", "headkv", "keydiff", "knorm", "kvcompose", "kvzip", "lagkv", "leverage_score", "non_causal_attention", "compactor", "merging", "observed_attention", "pyramidkv", "random", "snapkv", "streaming_llm", "tova"]

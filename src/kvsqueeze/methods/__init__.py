@@ -6,6 +6,8 @@ import json
 from .adakv import AdaKV
 from .base import REGISTRY, Method, ScorerMethod, as_scorer
 from .cap import Cap
+from .block import Block
+from .chunk import Chunk
 from .chunkkv import ChunkKV
 from .compactor import Compactor
 from .composed import Composed
@@ -17,12 +19,15 @@ from .dms import DMS
 from .duo_attention import DuoAttention
 from .entropy_gated_chunkkv import EntropyGatedChunkKV
 from .expected_attention import ExpectedAttention
+from .finch import Finch
 from .h2o import H2O
 from .headkv import HeadKV
+from .key_rerotation import KeyRerotation
 from .keydiff import KeyDiff
 from .knorm import KNorm, l2_compress
 from .kvgrad import KVgrad
 from .lagkv import LagKV
+from .lukv import LUKV
 from .kvcompose import KVCompose
 from .kvzap import KVzap
 from .kvzip import KVzip
@@ -46,8 +51,8 @@ from .think import ThinK
 from .tova import TOVA
 
 
-__all__ = ["AdaKV", "CAM", "MiniCache", "NACL", "Scissorhands", "Cap", "EntropyGatedChunkKV", "KVgrad", "ChunkKV", "Compactor", "Composed", "CriticalAdaKV", "CriticalKV", "CUR", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "H2O",
-           "HeadKV", "KeyDiff", "KNorm", "KVCompose", "KVzap", "KVzip", "LagKV", "LeverageScore", "Merging", "NonCausalAttention", "ObservedAttention", "PerLayerCompression", "PyramidKV", "QFilter", "Random", "RollingStreamingLLM", "SimLayerKV",
+__all__ = ["AdaKV", "Block", "Chunk", "Finch", "KeyRerotation", "CAM", "MiniCache", "NACL", "Scissorhands", "Cap", "EntropyGatedChunkKV", "KVgrad", "ChunkKV", "Compactor", "Composed", "CriticalAdaKV", "CriticalKV", "CUR", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "H2O",
+           "HeadKV", "KeyDiff", "KNorm", "KVCompose", "KVzap", "KVzip", "LagKV", "LUKV", "LeverageScore", "Merging", "NonCausalAttention", "ObservedAttention", "PerLayerCompression", "PyramidKV", "QFilter", "Random", "RollingStreamingLLM", "SimLayerKV",
            "SnapKV", "StreamingLLM", "ThinK", "TOVA"]
 
 

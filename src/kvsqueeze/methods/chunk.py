@@ -1,0 +1,104 @@
+from dataclasses import dataclass
+
+import torch
+
+from ..budgets import largest_remainder, top_k_per_head
+from ..hooks import LayerContext
+from .base import ScorerWrapper
+
+
+@dataclass
+class TokenSubset(LayerContext):
+    """A layer seen as if one batch row (and one KV head) held only some of its tokens, for a scorer to score.
+
+    Every token counts as new: keys, values, queries, hidden states and rotary embeddings are those of the
+    subset, in order; `seen` stays the row's logical length (future positions follow the whole context).
+    """
+
+    subset_keys: torch.Tensor | None = None
+    subset_values: torch.Tensor | None = None
+    row_seen: torch.Tensor | None = None
+
+    def stored(self):
+        return self.subset_keys, self.subset_values, None
+
+    @property
+    def seen(self) -> torch.Tensor:
+        return self.row_seen
+
+    @property
+    def new_real(self):
+        return None
+
+    def keep(self, mask, rows=None):
+        raise RuntimeError("a token subset is scored, not compressed")
+
+
+def token_subset(ctx: LayerContext, row: int, index: torch.Tensor, head: int | None = None) -> TokenSubset:
+    """Tokens `index` (stored positions) of batch row `row`, all KV heads or only `head`. The layer must hold only
+    this forward's tokens (a context compressed in one forward)."""
+    heads = slice(None) if head is None else slice(head, head + 1)
+    query_heads = slice(None) if head is None else slice(head * ctx.group_size, (head + 1) * ctx.group_size)
+    keys, values, _ = ctx.stored()
+    rotary = ctx.position_embeddings
+    if rotary is not None:
+        rotary = tuple(t[min(row, t.shape[0] - 1)][index][None] for t in rotary)
+    weights, queries = ctx.attention_weights, ctx.captured_queries
+    if weights is not None:
+        weights = weights[row:row + 1, query_heads][:, :, index][..., index]
+    if queries is not None:
+        queries = queries[row:row + 1, query_heads][:, :, index]
+    return TokenSubset(module=ctx.module, cache=ctx.cache, hidden_states=ctx.hidden_states[row:row + 1, index],
+                       position_embeddings=rotary, attention_weights=weights, captured_queries=queries,
+                       rotary_embedding=ctx.rotary_embedding, subset_keys=keys[row:row + 1, heads][:, :, index],
+                       subset_values=values[row:row + 1, heads][:, :, index], row_seen=ctx.seen[row:row + 1])
+
+
+def check_single_forward(ctx: LayerContext, method: str) -> None:
+    if ctx.n_stored != ctx.n_new:
+        raise ValueError(f"{method} compresses a context prefilled in one forward; this layer holds "
+                         f"{ctx.n_stored - ctx.n_new} earlier tokens (use it without chunk_size)")
+
+
+class Chunk(ScorerWrapper):
+    """Keeps the same share of every `chunk_length`-token chunk of the context: the chunk's best by a scorer run on that chunk alone.
+
+    ChunkPress of kvpress, from Finch (Corallo & Papotti, "FINCH: Prompt-guided Key-Value Cache Compression
+    for Large Language Models", TACL 2024, arXiv:2408.00167): the context is cut into consecutive chunks of
+    `chunk_length` tokens (1024, kvpress's default) and the scorer scores each chunk as if the layer held only
+    that chunk (its keys, values and queries), so every part of the context is compressed at the same ratio
+    instead of the scorer's favourite regions taking the whole budget. All in one prefill, after the whole
+    context has been attended to; not chunked prefill (`compress(..., chunk_size=)`), where each chunk attends
+    only to what was kept of the earlier ones. The layer's budget is split among the chunks by their
+    length (the exact total, where kvpress rounds down in every chunk). SnapKV is the default scorer.
+    """
+
+    name = "chunk"
+    needs_whole_context = True
+
+    def __init__(self, ratio=None, budget=None, scorer="snapkv", chunk_length: int = 1024):
+        super().__init__(ratio, budget, scorer)
+        if chunk_length < 1:
+            raise ValueError(f"chunk_length must be >= 1; got {chunk_length}")
+        self.chunk_length = chunk_length
+
+    def keep_mask(self, ctx: LayerContext) -> torch.Tensor:
+        check_single_forward(ctx, "Chunk")
+        real = ctx.real
+        mask = torch.zeros(ctx.keys.shape[:-1], dtype=torch.bool, device=ctx.keys.device)
+        for row, seen in enumerate(ctx.seen.tolist()):
+            tokens = torch.arange(ctx.n_stored, device=mask.device)
+            if real is not None:
+                tokens = real[row, 0].nonzero()[:, 0]  # before any compression every head holds the same tokens
+            chunks = tokens.split(self.chunk_length)
+            sizes = torch.tensor([[len(c) for c in chunks]], dtype=torch.float)
+            total = torch.tensor([self.budget.n_keep(seen, *ctx.depth)])
+            counts = largest_remainder(sizes * total / len(tokens), total)[0].tolist()
+            for chunk, count in zip(chunks, counts):
+                scores = self.scorer.scores(token_subset(ctx, row, chunk))  # [1, kv_heads, chunk]
+                kept = top_k_per_head(scores, torch.full(scores.shape[:2], count, device=scores.device))
+                mask[row, :, chunk] = kept[0]
+        return mask
+
+    def settings(self):
+        return super().settings() | {"chunk_length": self.chunk_length}

@@ -1,0 +1,76 @@
+import torch
+
+from ..hooks import LayerContext
+from .base import ScorerMethod
+from .key_rerotation import RerotatingContext
+
+
+class Finch(ScorerMethod):
+    """Keeps the tokens the question attends to most (each query's weights normalised by how many keys it sees), plus the question.
+
+    Corallo & Papotti, "FINCH: Prompt-guided Key-Value Cache Compression for Large Language Models", TACL 2024,
+    arXiv:2408.00167. SnapKV-like scores whose observation window is the question: the tokens after the last
+    `delimiter_id` in the prefill (kvpress's FinchPress finds it the same way, with a separator token put
+    between context and question), or the last `window_size` tokens when no delimiter is given or found.
+    Causal masking gives a later query fewer weight per key; as in the paper, each query's attention weights
+    are multiplied by the number of keys it attends to before averaging over the window and the query heads
+    of a KV head. The question is kept, and the kept keys are re-rotated to consecutive positions
+    (`rerotate_keys`, see KeyRerotation), as the paper does. The question must be in the compressed text:
+    compress `context + separator + question` (the query-aware protocol), then ask with an empty question.
+    """
+
+    name = "finch"
+
+    def __init__(self, ratio=None, budget=None, delimiter_id: int | None = None, window_size: int = 32,
+                 normalize: bool = True, rerotate_keys: bool = True):
+        super().__init__(ratio, budget)
+        if window_size < 1:
+            raise ValueError(f"window_size must be >= 1; got {window_size}")
+        self.delimiter_id, self.window_size = delimiter_id, window_size
+        self.normalize, self.rerotate_keys = normalize, rerotate_keys
+        self._windows: torch.Tensor | None = None
+
+    def before_forward(self, kwargs):
+        """Finds each row's question: the tokens after the row's last delimiter in this forward."""
+        ids = kwargs.get("input_ids")
+        self._windows = None
+        if ids is None or ids.dim() != 2:
+            return
+        windows = torch.full((ids.shape[0],), self.window_size, dtype=torch.long)
+        if self.delimiter_id is not None:
+            found = (ids == self.delimiter_id).cpu()
+            after_last = found.flip(-1).long().argmax(-1)  # tokens after the last delimiter
+            windows = torch.where(found.any(-1), after_last, windows)
+        self._windows = windows
+
+    def windows(self, ctx: LayerContext) -> torch.Tensor:
+        """[batch]: each row's window, at most its new real tokens but one and its held tokens but one."""
+        new = torch.full((ctx.keys.shape[0],), ctx.n_new) if ctx.new_real is None else ctx.new_real.sum(-1).cpu()
+        windows = self._windows if self._windows is not None and len(self._windows) == len(new) else \
+            torch.full_like(new, self.window_size)
+        return windows.minimum(new - 1).minimum(ctx.held.amax(-1).cpu() - 1).clamp(min=0)
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        windows = self.windows(ctx)
+        widest = int(windows.max())
+        if widest < 1:
+            return torch.ones(ctx.keys.shape[:-1], device=ctx.keys.device)
+        device, n = ctx.keys.device, ctx.n_stored
+        windows = windows.to(device)
+        attention = ctx.last_queries_attention(widest)  # [batch, heads, widest, stored]
+        if self.normalize:  # a query sees the real stored tokens up to itself
+            real = torch.ones(ctx.keys.shape[:-1], device=device) if ctx.real is None else ctx.real.float()
+            seen = real.cumsum(-1)[..., n - widest:].repeat_interleave(ctx.group_size, dim=1)
+            attention = attention * seen[..., None]
+        observing = torch.arange(widest, device=device)[None, :] >= widest - windows[:, None]  # each row's last queries
+        attention = attention * observing[:, None, :, None]
+        scores = ctx.per_kv_head(attention.sum(2) / windows.clamp(min=1)[:, None, None])
+        in_window = torch.arange(n, device=device)[None, :] >= n - windows[:, None]
+        return scores.masked_fill(in_window[:, None, :], float("inf"))
+
+    def compress(self, ctx: LayerContext) -> None:
+        super().compress(RerotatingContext.of(ctx) if self.rerotate_keys else ctx)
+
+    def settings(self):
+        return {"delimiter_id": self.delimiter_id, "window_size": self.window_size, "normalize": self.normalize,
+                "rerotate_keys": self.rerotate_keys}
