@@ -158,6 +158,15 @@ def calibrate_kvzap(model, tokenizer, args) -> str:
     return f"a KVzap surrogate ({surrogate.kind}) for {len(surrogate.layers)} layers"
 
 
+def calibrate_fastkvzip(model, tokenizer, args) -> str:
+    from .methods.fastkvzip import train_gates
+
+    text, _ = calibration_text(args)
+    train_gates(model, tokenizer, texts=None if text is None else [text], out=args.out, samples=args.samples,
+                tokens=args.tokens, steps=args.steps, seed=args.seed)
+    return "FastKVzip gates"
+
+
 def calibrate_lukv(model, tokenizer, args) -> str:
     from .methods.lukv import calibrate_lukv as profile
 
@@ -171,7 +180,7 @@ def calibrate_lukv(model, tokenizer, args) -> str:
 # kind -> routine(model, tokenizer, args) that writes args.out and says what it wrote
 CALIBRATIONS = {"headkv": calibrate_headkv, "duo_attention": calibrate_duo_attention, "qfilter": calibrate_qfilter,
                 "expected_attention": calibrate_expected_attention, "kvzap": calibrate_kvzap,
-                "lukv": calibrate_lukv}
+                "lukv": calibrate_lukv, "fastkvzip": calibrate_fastkvzip}
 
 
 def calibrate_command(args) -> int:
@@ -179,7 +188,9 @@ def calibrate_command(args) -> int:
 
     model, tokenizer = models.load(args.model)
     if args.samples is None:
-        args.samples = {"lukv": 3, "kvzap": 16}.get(args.kind, 12)
+        args.samples = {"lukv": 3, "kvzap": 16, "fastkvzip": 16}.get(args.kind, 12)
+    if args.steps is None:
+        args.steps = {"fastkvzip": 5000}.get(args.kind, 40)
     print(f"wrote {CALIBRATIONS[args.kind](model, tokenizer, args)} to {args.out}")
     return 0
 
@@ -279,7 +290,7 @@ def parser() -> argparse.ArgumentParser:
     ask.set_defaults(handler=ask_command)
 
     calibrate = commands.add_parser(
-        "calibrate", help="compute what HeadKV, DuoAttention, QFilter, KVzap, LU-KV or ExpectedAttention(stats=) need, on your "
+        "calibrate", help="compute what HeadKV, DuoAttention, QFilter, KVzap, FastKVzip, LU-KV or ExpectedAttention(stats=) need, on your "
                           "model, offline",
         description="Compute a method's calibration on a model, offline, and save it: `headkv` (retrieval-reasoning "
                     "head importance, JSON, for HeadKV(head_scores=FILE)) and `duo_attention` (optimised "
@@ -288,13 +299,15 @@ def parser() -> argparse.ArgumentParser:
                     "`expected_attention` (query mean and covariance, safetensors, for ExpectedAttention(stats=FILE)) "
                     "on local text (the bundled essays, or --text-file); `kvzap` (a surrogate of KVzip+ scores trained on local "
                     "text, safetensors, for KVzap(surrogate=FILE)); `lukv` (per-head budget curves from answers on local "
-                    "text, safetensors, for LUKV(curves=FILE)).")
+                    "text, safetensors, for LUKV(curves=FILE)); `fastkvzip` (gates trained on KVzip's choices on local text, "
+                    "safetensors, for FastKVzip(gates=FILE)).")
     calibrate.add_argument("kind", choices=list(CALIBRATIONS))
     calibrate.add_argument("-o", "--out", required=True, help="the file to write")
     calibrate.add_argument("--model", default=None, help="hub id or local folder (default: the bundled SmolLM2)")
     calibrate.add_argument("--samples", type=int, default=None,
                            help="needle samples (headkv) or text samples (default: 12; lukv 3, kvzap 16)")
-    calibrate.add_argument("--steps", type=int, default=40, help="duo_attention: optimisation steps")
+    calibrate.add_argument("--steps", type=int, default=None,
+                           help="duo_attention, fastkvzip: optimisation steps (default: 40; fastkvzip 5000)")
     calibrate.add_argument("--tokens", type=int, default=1500, help="length in tokens of each calibration sample")
     calibrate.add_argument("--text-file", help="qfilter, expected_attention: a local text file to calibrate on "
                                                "(default: the bundled essays)")

@@ -19,6 +19,7 @@ from .dms import DMS
 from .duo_attention import DuoAttention
 from .entropy_gated_chunkkv import EntropyGatedChunkKV
 from .expected_attention import ExpectedAttention
+from .fastkvzip import FastKVzip
 from .finch import Finch
 from .h2o import H2O
 from .headkv import HeadKV
@@ -51,7 +52,7 @@ from .think import ThinK
 from .tova import TOVA
 
 
-__all__ = ["AdaKV", "Block", "Chunk", "Finch", "KeyRerotation", "CAM", "MiniCache", "NACL", "Scissorhands", "Cap", "EntropyGatedChunkKV", "KVgrad", "ChunkKV", "Compactor", "Composed", "CriticalAdaKV", "CriticalKV", "CUR", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "H2O",
+__all__ = ["AdaKV", "Block", "Chunk", "Finch", "KeyRerotation", "CAM", "MiniCache", "NACL", "Scissorhands", "Cap", "EntropyGatedChunkKV", "KVgrad", "ChunkKV", "Compactor", "Composed", "CriticalAdaKV", "CriticalKV", "CUR", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "FastKVzip", "H2O",
            "HeadKV", "KeyDiff", "KNorm", "KVCompose", "KVzap", "KVzip", "LagKV", "LUKV", "LeverageScore", "Merging", "NonCausalAttention", "ObservedAttention", "PerLayerCompression", "PyramidKV", "QFilter", "Random", "RollingStreamingLLM", "SimLayerKV",
            "SnapKV", "StreamingLLM", "ThinK", "TOVA"]
 
