@@ -36,10 +36,13 @@ def needle(rows: list[dict], spec: str, ratio) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="results/needle_table.jsonl")
-    parser.add_argument("--settings", help="JSON {name: spec} for the methods run with other settings than a ratio")
+    parser.add_argument("--extra", action="append", default=[], help="more result files (e.g. fewer haystacks)")
+    parser.add_argument("--settings", help="JSON {name: [spec, ratio]} for the methods run with other settings "
+                                           "than their defaults at 0.5 (ratio null: methods without a ratio)")
     args = parser.parse_args()
     path = Path(args.results)
     rows = [json.loads(line) for line in path.open()] if path.exists() else []
+    rows += [json.loads(line) for extra in args.extra for line in Path(extra).open()]
     rows = [r for r in rows if r.get("chunk") is None and r.get("quant") is None]
     settings = json.loads(Path(args.settings).read_text()) if args.settings else {}
     print("| name | paper | phase | keeps | calibration | needle at 0.5 (bytes held) |")
@@ -47,8 +50,8 @@ def main():
     print(f"| full cache | — | — | everything | — | {needle(rows, 'full', None)} |")
     for name, cls in sorted(kvsqueeze.available().items()):
         takes_ratio = "ratio" in inspect.signature(cls).parameters
-        spec = settings.get(name, name)
-        score = needle(rows, spec, 0.5 if takes_ratio and name not in settings else None)
+        spec, ratio = settings.get(name, (name, 0.5 if takes_ratio else None))
+        score = needle(rows, spec, ratio)
         if spec != name:
             score += f", `{spec}`"
         calibration = f"`kvsqueeze calibrate {cls.calibration}`" if cls.calibration else "—"

@@ -104,4 +104,5 @@ def build_method(name: str, ratio: float, model):
     return cls(ratio=ratio)
 
 
-RATIO_METHODS = ["lukv", "adakv", "block", "chunk", "finch", "key_rerotation", "cam", "nacl", "cap", "entropy_gated_chunkkv", "kvgrad", "chunkkv", "critical_adakv", "criticalkv", "cur", "expected_attention", "headkv", "keydiff", "knorm", "kvcompose", "kvzip", "lagkv", "leverage_score", "non_causal_attention", "compactor", "merging", "observed_attention", "pyramidkv", "random", "snapkv", "streaming_llm", "tova"]
+RATIO_METHODS = ["lukv", "adakv", "block", "chunk", "finch", "key_rerotation", "cam", "nacl", "cap", "entropy_gated_chunkkv", "kvgrad", "chunkkv", "critical_adakv", "criticalkv", "cur", "expected_attention", "headkv", "keydiff", "knorm", "kvcompose", "kvzip",
+                 "lagkv", "leverage_score", "non_causal_attention", "compactor", "merging", "observed_attention", "pyramidkv", "random", "snapkv", "streaming_llm", "tova"]

@@ -8,13 +8,16 @@ built for them, which is the same in every layer. With nothing compressed it pas
 untouched, so the model is reproduced exactly.
 
 It also lets a method observe the queries of a layer (after RoPE and any query norm, exactly as the
-model computed them), which is how scorers see queries without knowing each model family's code.
+model computed them), which is how scorers see queries without knowing each model family's code, and lets
+a method take over a layer's attention for a forward (`attention_overrides`): read only some stored keys
+(`attend_to`, Quest) or compute a sparse prefill (MInference).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
@@ -25,6 +28,11 @@ PREFIX = "kvsqueeze_"
 
 # Per attention module, the callbacks that want its queries during the current forward.
 query_observers: dict[torch.nn.Module, Callable[[torch.Tensor], None]] = {}
+
+# Per attention module, a method's own attention for a dense kvsqueeze layer (e.g. reading only some stored keys,
+# or a sparse prefill): `fn(module, query, key, value, mask, attend, **kwargs)` gets the layer's own mask and
+# `attend`, the model's attention function; it returns the attention output, or None for the model's own attention.
+attention_overrides: dict[torch.nn.Module, Callable] = {}
 
 
 def allowed_columns(mask: torch.Tensor | None, fresh: int) -> torch.Tensor | None:
@@ -113,6 +121,40 @@ def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.
     return out.view(batch, n_heads, q_len, -1).transpose(1, 2).contiguous()
 
 
+@contextmanager
+def overridden(modules: list[torch.nn.Module], fn: Callable):
+    """While the block runs, `fn` may take over the attention of `modules` (see `attention_overrides`)."""
+    attention_overrides.update(dict.fromkeys(modules, fn))
+    try:
+        yield
+    finally:
+        for module in modules:
+            attention_overrides.pop(module, None)
+
+
+def attend_to(attend: Callable, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              mask: torch.Tensor | None, index: torch.Tensor, **kwargs):
+    """The model's attention function `attend`, reading only the stored tokens at `index` [batch, kv_heads, n]
+    (positions in `key`, each KV head its own, in increasing order): the other keys and values are never read.
+
+    The mask's columns follow the kept tokens; without a mask, a multi-token query stays causal.
+    """
+    def gather(states):
+        return states.gather(2, index[..., None].expand(-1, -1, -1, states.shape[-1]))
+
+    batch, heads, q_len, _ = query.shape
+    per_head = index.repeat_interleave(heads // key.shape[1], dim=1)[:, :, None, :]  # [batch, heads, 1, n]
+    if mask is not None:
+        if mask.dim() != 4:
+            raise NotImplementedError("reading a subset of the keys needs a 4D attention mask (sdpa or eager)")
+        mask = mask.expand(batch, heads, q_len, -1).gather(-1, per_head.expand(-1, -1, q_len, -1))
+    elif q_len > 1:
+        last = key.shape[-2] - q_len + torch.arange(q_len, device=query.device)  # each query's own position
+        mask = torch.zeros(per_head.shape[:2] + (q_len, index.shape[-1]), dtype=query.dtype, device=query.device)
+        mask = mask.masked_fill(per_head > last[:, None], torch.finfo(query.dtype).min)
+    return attend(module, query, gather(key), gather(value), mask, **kwargs)
+
+
 def base_function(base: str, module: torch.nn.Module) -> Callable:
     if base == "eager":
         # eager attention is defined per model family (softcapping, sinks...): use the module's own
@@ -136,6 +178,11 @@ def make_attention(base: str) -> Callable:
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
             return ragged_attention(layer, query, scaling, allowed), None
         attention_mask = layer_mask(attention_mask, query, key.shape[-2], layer.fresh, base)
+        override = attention_overrides.get(module)
+        if override is not None:
+            out = override(module, query, key, value, attention_mask, base_function(base, module), **kwargs)
+            if out is not None:
+                return out
         return base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
 
     return attention

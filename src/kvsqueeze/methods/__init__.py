@@ -35,6 +35,7 @@ from .kvzip import KVzip
 from .leverage_score import LeverageScore
 from .merging import Merging
 from .minicache import MiniCache
+from .minference import MInference
 from .cam import CAM
 from .nacl import NACL
 from .scissorhands import Scissorhands
@@ -43,6 +44,7 @@ from .per_layer_compression import PerLayerCompression
 from .observed_attention import MissingAttentionWeights, ObservedAttention
 from .pyramidkv import PyramidKV
 from .qfilter import QFilter
+from .quest import Quest
 from .simlayerkv import SimLayerKV
 from .random import Random
 from .rolling_streaming_llm import RollingStreamingLLM
@@ -52,7 +54,7 @@ from .think import ThinK
 from .tova import TOVA
 
 
-__all__ = ["AdaKV", "Block", "Chunk", "Finch", "KeyRerotation", "CAM", "MiniCache", "NACL", "Scissorhands", "Cap", "EntropyGatedChunkKV", "KVgrad", "ChunkKV", "Compactor", "Composed", "CriticalAdaKV", "CriticalKV", "CUR", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "FastKVzip", "H2O",
+__all__ = ["AdaKV", "Block", "Chunk", "Finch", "KeyRerotation", "MInference", "Quest", "CAM", "MiniCache", "NACL", "Scissorhands", "Cap", "EntropyGatedChunkKV", "KVgrad", "ChunkKV", "Compactor", "Composed", "CriticalAdaKV", "CriticalKV", "CUR", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "FastKVzip", "H2O",
            "HeadKV", "KeyDiff", "KNorm", "KVCompose", "KVzap", "KVzip", "LagKV", "LUKV", "LeverageScore", "Merging", "NonCausalAttention", "ObservedAttention", "PerLayerCompression", "PyramidKV", "QFilter", "Random", "RollingStreamingLLM", "SimLayerKV",
            "SnapKV", "StreamingLLM", "ThinK", "TOVA"]
 
