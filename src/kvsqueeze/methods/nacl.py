@@ -28,10 +28,18 @@ class NACL(ScorerMethod):
         if proxy_size < 1 or not 0 <= random_ratio <= 1:
             raise ValueError(f"NACL needs proxy_size >= 1 and random_ratio in [0, 1]; got {proxy_size}, {random_ratio}")
         self.proxy_size, self.random_ratio, self.seed = proxy_size, random_ratio, seed
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def setup(self, model):
-        self.generator.manual_seed(self.seed)
+    def draws(self, ctx: LayerContext, shape) -> torch.Tensor:
+        """Uniform draws for the real tokens of each row, seeded by the layer: a row of a batch gets what it gets alone."""
+        uniform = torch.ones(shape)
+        for row in range(shape[0]):
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.layer_idx)
+            if ctx.real is None:
+                uniform[row] = torch.rand(shape[1:], generator=generator)
+            else:
+                real = ctx.real[row].cpu()
+                uniform[row][real] = torch.rand(int(real.sum()), generator=generator)
+        return uniform
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return snapkv_scores(ctx, self.proxy_size, kernel_size=1, pooling="max")  # kernel 1: no pooling
@@ -43,7 +51,7 @@ class NACL(ScorerMethod):
         keep = top_k_per_head(scores, counts - n_random)
         # weighted sampling without replacement (Efraimidis & Spirakis): the largest u ** (1 / w) win
         weights = scores.masked_fill(~torch.isfinite(scores), 0.0).clamp(min=0)
-        uniform = torch.rand(scores.shape, generator=self.generator).to(scores.device).clamp(min=1e-12)
+        uniform = self.draws(ctx, scores.shape).to(scores.device).clamp(min=1e-12)
         keys = torch.where(weights > 0, uniform.log() / weights, torch.finfo(torch.float32).min / 2)
         keys = keys.masked_fill(keep | (scores == float("-inf")), float("-inf"))
         return keep | top_k_per_head(keys, n_random)

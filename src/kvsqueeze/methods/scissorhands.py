@@ -54,7 +54,7 @@ class Scissorhands(Method):
     def compress(self, ctx: LayerContext) -> None:
         layer = ctx.layer
         n, held = ctx.n_new, ctx.held.amax(-1).cpu()  # [batch]: tokens held after this forward
-        # tokens seen by each new query (padding included: near enough for choosing the history)
+        # real tokens seen by each new query (padding sits before a row's real tokens)
         seen_by = held[:, None] - n + 1 + torch.arange(n)[None, :]
         # the history: the last `history_window` queries before the budget is exceeded
         counted = (torch.arange(n)[None, :] >= n - self.history_window) & (
@@ -65,14 +65,15 @@ class Scissorhands(Method):
         previous = layer.state.get("scissorhands")
         if previous is not None and previous.shape[-1] <= counts.shape[-1]:
             counts[..., : previous.shape[-1]] += previous
-        if int(held.max()) <= self.target:
-            layer.state = {**layer.state, "scissorhands": counts}
+        over = held > self.target  # [batch]: the rows that drop tokens now; the others keep counting
+        reset = over.to(counts.device)[:, None, None]
+        layer.state = {**layer.state, "scissorhands": counts.masked_fill(reset, 0)}  # counting starts again
+        if not bool(over.any()):
             return
-        layer.state = {**layer.state, "scissorhands": torch.zeros_like(counts)}  # counting starts again
         scores = (-counts).masked_fill(ctx.rank >= ctx.held[..., None] - self.recent_window, float("inf"))
         if ctx.real is not None:
             scores = scores.masked_fill(~ctx.real, float("-inf"))
-        ctx.keep(top_k_per_head(scores, ctx.held.clamp(max=self.kept_after_drop)))
+        ctx.keep(top_k_per_head(scores, ctx.held.clamp(max=self.kept_after_drop)), rows=over)
 
     def describe(self):
         return {"budget": self.target, "history_window": self.history_window, "recent_window": self.recent_window,
