@@ -4,7 +4,7 @@ Name, paper (the arXiv ids or OpenReview page its docstring cites), phase, what 
 of its docstring), the calibration it needs, and the needle score on the bundled model at ratio 0.5
 (from `benchmarks/needle_table.py`'s results; methods without a ratio: the run with the settings shown).
 
-    python scripts/methods_table.py [--results results/needle_table.jsonl] [--settings settings.json]
+    python scripts/methods_table.py --settings scripts/methods_table_settings.json --extra results/needle_expensive.jsonl
 """
 
 import argparse
