@@ -42,6 +42,10 @@ class MeasuredLayer:
             return 0
         return self.keys.nbytes + self.values.nbytes
 
+    def shared_tensors(self) -> list[torch.Tensor]:
+        """Tensors this layer holds together with other layers (the cache counts them once, not in `nbytes`)."""
+        return []
+
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         self.peak_bytes = max(self.peak_bytes, self.nbytes())
@@ -349,7 +353,7 @@ class SqueezeCache(Cache):
         """Bytes really held by the cache's tensors. A layer's `nbytes()` counts what it holds alone; tensors several
         layers share (listed by a layer's `shared_tensors()`, e.g. MiniCache's merged pairs) are counted once."""
         shared = {(t.data_ptr(), t.nbytes): t.nbytes for layer in self.layers
-                  for t in getattr(layer, "shared_tensors", list)()}
+                  for t in layer.shared_tensors()}
         return sum(layer.nbytes() for layer in self.layers) + sum(shared.values())
 
     def peak_bytes(self) -> int:

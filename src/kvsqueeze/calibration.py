@@ -284,25 +284,32 @@ def save_calibration(path: str | Path, kind: str, tensors: dict[str, torch.Tenso
     save_file({name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}, str(path), metadata)
 
 
+def read_calibration(path: str | Path, kind: str, how: str, what: str | None = None) -> tuple[dict, dict]:
+    """(tensors, settings) of a file `save_calibration` wrote with `kind`; every error ends with `how` to make one
+    (`what` names the kind in them)."""
+    path, what = Path(path), what or kind
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} calibration file at {path}; {how}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable kvsqueeze calibration file ({error}); {how}")
+    if metadata.get("format") != CALIBRATION_FORMAT:
+        raise ValueError(f"{path} is not a kvsqueeze calibration file; {how}")
+    if metadata.get("kind") != kind:
+        raise ValueError(f"{path} holds {metadata.get('kind')} calibration, not {what}; {how}")
+    return tensors, json.loads(metadata.get("settings", "{}"))
+
+
 def load_calibration(source, kind: str, model) -> dict[str, torch.Tensor]:
     """The tensors of a file written by `save_calibration` (or given as a dict), checked against `model`."""
     command = f"`kvsqueeze calibrate {kind} --out FILE`"
     if isinstance(source, dict):
         tensors = {name: torch.as_tensor(t, dtype=torch.float32) for name, t in source.items()}
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"no {kind} calibration file at {path}; make one with {command}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(f"{path} is not a readable kvsqueeze calibration file ({error}); make one with {command}")
-        if metadata.get("format") != CALIBRATION_FORMAT:
-            raise ValueError(f"{path} is not a kvsqueeze calibration file; make one with {command}")
-        if metadata.get("kind") != kind:
-            raise ValueError(f"{path} holds {metadata.get('kind')} calibration, not {kind}; make one with {command}")
+        tensors, _ = read_calibration(source, kind, f"make one with {command}")
     for name, shape in calibration_shapes(kind, model).items():
         if name not in tensors:
             raise ValueError(f"the {kind} calibration has no {name!r} tensor; make it with {command}")

@@ -2,7 +2,7 @@ import torch
 
 from ..hooks import LayerContext
 from .base import ScorerWrapper
-from .chunk import check_single_forward, token_subset
+from .chunk import single_forward_rows, token_subset
 
 
 class Block(ScorerWrapper):
@@ -29,13 +29,8 @@ class Block(ScorerWrapper):
         self.block_size = block_size
 
     def keep_mask(self, ctx: LayerContext) -> torch.Tensor:
-        check_single_forward(ctx, "Block")
-        real = ctx.real
         mask = torch.zeros(ctx.keys.shape[:-1], dtype=torch.bool, device=ctx.keys.device)
-        for row, seen in enumerate(ctx.seen.tolist()):
-            tokens = torch.arange(ctx.n_stored, device=mask.device)
-            if real is not None:
-                tokens = real[row, 0].nonzero()[:, 0]  # before any compression every head holds the same tokens
+        for row, seen, tokens in single_forward_rows(ctx, "Block"):
             n_keep = min(self.budget.n_keep(seen, *ctx.depth), len(tokens))
             for head in range(ctx.n_kv_heads):
                 kept = tokens[:n_keep]

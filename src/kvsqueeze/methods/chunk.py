@@ -1,3 +1,4 @@
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +55,18 @@ def token_subset(ctx: LayerContext, row: int, index: torch.Tensor, head: int | N
                        subset_values=values[row:row + 1, heads][:, :, index], row_seen=ctx.seen[row:row + 1])
 
 
-def check_single_forward(ctx: LayerContext, method: str) -> None:
+def single_forward_rows(ctx: LayerContext, method: str) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(row, its logical length, the stored positions of its real tokens) for every batch row of a layer that holds
+    only this forward's tokens (a context compressed in one forward; `method` names the caller in the error)."""
     if ctx.n_stored != ctx.n_new:
         raise ValueError(f"{method} compresses a context prefilled in one forward; this layer holds "
                          f"{ctx.n_stored - ctx.n_new} earlier tokens (use it without chunk_size)")
+    real = ctx.real
+    for row, seen in enumerate(ctx.seen.tolist()):
+        if real is None:
+            yield row, seen, torch.arange(ctx.n_stored, device=ctx.keys.device)
+        else:
+            yield row, seen, real[row, 0].nonzero()[:, 0]  # before any compression every head holds the same tokens
 
 
 class Chunk(ScorerWrapper):
@@ -83,13 +92,8 @@ class Chunk(ScorerWrapper):
         self.chunk_length = chunk_length
 
     def keep_mask(self, ctx: LayerContext) -> torch.Tensor:
-        check_single_forward(ctx, "Chunk")
-        real = ctx.real
         mask = torch.zeros(ctx.keys.shape[:-1], dtype=torch.bool, device=ctx.keys.device)
-        for row, seen in enumerate(ctx.seen.tolist()):
-            tokens = torch.arange(ctx.n_stored, device=mask.device)
-            if real is not None:
-                tokens = real[row, 0].nonzero()[:, 0]  # before any compression every head holds the same tokens
+        for row, seen, tokens in single_forward_rows(ctx, "Chunk"):
             chunks = tokens.split(self.chunk_length)
             sizes = torch.tensor([[len(c) for c in chunks]], dtype=torch.float)
             total = torch.tensor([self.budget.n_keep(seen, *ctx.depth)])

@@ -2,7 +2,7 @@ import torch
 
 from ..budgets import Uniform, top_k_per_head
 from .base import Method
-from .kvzip import attention_to, compressible_layers, observe, real_positions, rows
+from .kvzip import attention_to, eviction_plan, observe, real_positions, rows
 
 
 class KVCompose(Method):
@@ -41,12 +41,10 @@ class KVCompose(Method):
         return False  # everything happens after the prefill
 
     def after_prefill(self, model, cache, ids, attention_mask=None, prompt=None):
-        layers = compressible_layers(cache)
-        if not layers:
+        plan = eviction_plan(cache, ids, self.budget)
+        if plan is None:
             return
-        seen = cache.layers[layers[0]].row_lengths(ids.shape[0]).tolist()
-        if all(self.budget.n_keep(n) >= n for n in seen):
-            return  # nothing to evict: no extra forward
+        layers, seen = plan
         scores = self.scores(model, cache, ids, attention_mask)
         stacked = torch.stack([scores[i] for i in layers], 1)  # [batch, layers, kv_heads, stored], padding -inf
         for i, keep in zip(layers, self.keep_masks(stacked, seen).unbind(1)):

@@ -51,6 +51,16 @@ def compressible_layers(cache) -> list[int]:
     return [i for i, layer in enumerate(cache.layers) if isinstance(layer, CompressibleLayer)]
 
 
+def eviction_plan(cache, ids: torch.Tensor, budget) -> tuple[list[int], list[int]] | None:
+    """(the compressible layers, each row's real length) when `budget` evicts something from the prefilled context;
+    None when it keeps everything (then no extra forward runs, and the model is reproduced exactly)."""
+    layers = compressible_layers(cache)
+    if not layers:
+        return None
+    seen = cache.layers[layers[0]].row_lengths(ids.shape[0]).tolist()
+    return None if all(budget.n_keep(n) >= n for n in seen) else (layers, seen)
+
+
 def real_positions(ctx: LayerContext) -> torch.Tensor:
     """Stored positions of the context's real tokens (the stored tokens before this forward's), in order."""
     n_context = ctx.n_stored - ctx.n_new
@@ -178,12 +188,10 @@ class KVzip(Method):
         return False  # everything happens after the prefill
 
     def after_prefill(self, model, cache, ids, attention_mask=None, prompt=None):
-        layers = compressible_layers(cache)
-        if not layers:
+        plan = eviction_plan(cache, ids, self.budget)
+        if plan is None:
             return
-        seen = cache.layers[layers[0]].row_lengths(ids.shape[0]).tolist()
-        if all(self.budget.n_keep(n) >= n for n in seen):
-            return  # nothing to evict: no extra forward, the model is reproduced exactly
+        layers, seen = plan
         scores = self.importance(model, cache, ids, attention_mask, prompt)
         self.evict(cache, [scores[i] for i in layers], layers, seen)
 

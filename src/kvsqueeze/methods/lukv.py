@@ -214,19 +214,9 @@ def load_curves(source, model) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
             source = torch.from_numpy(np.load(path)).float()
         else:
-            import json
+            from ..calibration import read_calibration
 
-            from safetensors import SafetensorError, safe_open
-
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    metadata = f.metadata() or {}
-                    source = {name: f.get_tensor(name) for name in f.keys()}
-            except (SafetensorError, OSError, ValueError) as error:
-                raise ValueError(f"{path} is not a readable LU-KV curve file ({error}); {MAKE_ONE}")
-            if metadata.get("kind") != KIND:
-                raise ValueError(f"{path} holds {metadata.get('kind')!r} calibration, not LU-KV curves; {MAKE_ONE}")
-            settings = json.loads(metadata.get("settings", "{}"))
+            source, settings = read_calibration(path, KIND, MAKE_ONE, what="LU-KV curves")
     if isinstance(source, dict):
         prune = torch.as_tensor(source["prune_ratios"], dtype=torch.float32)
         ratios = torch.as_tensor(source.get("global_ratios", GLOBAL_RATIOS), dtype=torch.float32)
