@@ -1,11 +1,10 @@
 import torch
 
 from ..budgets import Uniform, top_k_per_head
-from .base import Method
-from .kvzip import attention_to, eviction_plan, observe, real_positions, rows
+from .kvzip import ReplayMethod, attention_to, observe, real_positions, rows
 
 
-class KVCompose(Method):
+class KVCompose(ReplayMethod):
     """Keeps, in every head of a layer, the same number of its own most-attended tokens, layer budgets set by composite tokens.
 
     Akulov et al., "KVCompose: Efficient Structured KV Cache Compression with Composite Tokens",
@@ -23,8 +22,6 @@ class KVCompose(Method):
     """
 
     name = "kvcompose"
-    needs_whole_context = True
-    changes_prefill = True
 
     def __init__(self, ratio: float | None = None, budget: int | None = None, structured: bool = True,
                  agg_task: str = "max", agg_group: str = "mean", agg_head: str = "mean", add_v_norm: bool = False,
@@ -37,14 +34,7 @@ class KVCompose(Method):
         self.add_v_norm, self.add_mean_across_heads = add_v_norm, add_mean_across_heads
         self.keep_token_lower_bound = keep_token_lower_bound
 
-    def acts_on(self, ctx):
-        return False  # everything happens after the prefill
-
-    def after_prefill(self, model, cache, ids, attention_mask=None, prompt=None):
-        plan = eviction_plan(cache, ids, self.budget)
-        if plan is None:
-            return
-        layers, seen = plan
+    def decide(self, model, cache, ids, attention_mask, prompt, layers, seen):
         scores = self.scores(model, cache, ids, attention_mask)
         stacked = torch.stack([scores[i] for i in layers], 1)  # [batch, layers, kv_heads, stored], padding -inf
         for i, keep in zip(layers, self.keep_masks(stacked, seen).unbind(1)):

@@ -61,6 +61,25 @@ def eviction_plan(cache, ids: torch.Tensor, budget) -> tuple[list[int], list[int
     return None if all(budget.n_keep(n) >= n for n in seen) else (layers, seen)
 
 
+class ReplayMethod(Method):
+    """A method that decides once the whole context is prefilled, from extra forwards over it (KVzip, KVCompose):
+    nothing during the prefill, then `decide` evicts, unless the budget keeps everything (no extra forward)."""
+
+    needs_whole_context = True
+    changes_prefill = True
+
+    def acts_on(self, ctx):
+        return False
+
+    def after_prefill(self, model, cache, ids, attention_mask=None, prompt=None):
+        plan = eviction_plan(cache, ids, self.budget)
+        if plan is not None:
+            self.decide(model, cache, ids, attention_mask, prompt, *plan)
+
+    def decide(self, model, cache, ids, attention_mask, prompt, layers: list[int], seen: list[int]) -> None:
+        raise NotImplementedError
+
+
 def real_positions(ctx: LayerContext) -> torch.Tensor:
     """Stored positions of the context's real tokens (the stored tokens before this forward's), in order."""
     n_context = ctx.n_stored - ctx.n_new
@@ -154,7 +173,7 @@ def select(scores: list[torch.Tensor], totals: torch.Tensor, level: str, budget:
     return [k.view_as(s) for k, s in zip(keep, scores)]
 
 
-class KVzip(Method):
+class KVzip(ReplayMethod):
     """Keeps the KV pairs the model attends to most when asked to repeat the context, chosen over all layers and heads.
 
     Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction", arXiv:2505.23416.
@@ -172,8 +191,6 @@ class KVzip(Method):
     """
 
     name = "kvzip"
-    needs_whole_context = True
-    changes_prefill = True
 
     def __init__(self, ratio: float | None = None, budget: int | None = None, level: str = "pair",
                  chunk_size: int = 2000, n_sink: int = 4, plus: bool = False):
@@ -184,14 +201,7 @@ class KVzip(Method):
         self.budget = Uniform(ratio=0.5 if ratio is None and budget is None else ratio, tokens=budget)
         self.level, self.chunk_size, self.n_sink, self.plus = level, chunk_size, n_sink, plus
 
-    def acts_on(self, ctx):
-        return False  # everything happens after the prefill
-
-    def after_prefill(self, model, cache, ids, attention_mask=None, prompt=None):
-        plan = eviction_plan(cache, ids, self.budget)
-        if plan is None:
-            return
-        layers, seen = plan
+    def decide(self, model, cache, ids, attention_mask, prompt, layers, seen):
         scores = self.importance(model, cache, ids, attention_mask, prompt)
         self.evict(cache, [scores[i] for i in layers], layers, seen)
 
