@@ -99,10 +99,13 @@ def build_method(name: str, ratio: float, model):
     if name == "fastkvzip":  # untrained gates: the tests need their shape, not their skill
         from kvsqueeze.methods.fastkvzip import Gates
         return cls(ratio=ratio, gates=Gates.for_model(model))
+    if name == "restorekv":  # untrained restore tokens and adapter: the tests need their shape, not their skill
+        from kvsqueeze.methods.restorekv import RestoreAdapter
+        return cls(ratio=ratio, adapter=RestoreAdapter.for_model(model))
     if name == "rolling_streaming_llm":
         return cls(window=10**6 if ratio == 0 else 64, interval=8)
     return cls(ratio=ratio)
 
 
-RATIO_METHODS = ["lukv", "adakv", "block", "chunk", "finch", "key_rerotation", "cam", "nacl", "cap", "entropy_gated_chunkkv", "kvgrad", "chunkkv", "critical_adakv", "criticalkv", "cur", "expected_attention", "headkv", "keydiff", "knorm", "kvcompose", "kvzip",
+RATIO_METHODS = ["lukv", "adakv", "block", "chunk", "finch", "key_rerotation", "cam", "nacl", "cap", "entropy_gated_chunkkv", "kvgrad", "chunkkv", "critical_adakv", "criticalkv", "cur", "expected_attention", "headkv", "keydiff", "knorm", "kvcompose", "kvzip", "restorekv",
                  "lagkv", "leverage_score", "non_causal_attention", "compactor", "merging", "observed_attention", "pyramidkv", "random", "snapkv", "streaming_llm", "tova"]

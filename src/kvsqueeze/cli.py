@@ -177,10 +177,19 @@ def calibrate_lukv(model, tokenizer, args) -> str:
     return f"LU-KV budget curves for {layers} layers x {heads} KV heads"
 
 
+def calibrate_restorekv(model, tokenizer, args) -> str:
+    from .methods.restorekv import train_restore
+
+    text, _ = calibration_text(args)
+    adapter = train_restore(model, tokenizer, texts=None if text is None else [text], out=args.out,
+                            samples=args.samples, tokens=args.tokens, steps=args.steps, seed=args.seed)
+    return f"{adapter.n_tokens} restore tokens and a rank-{adapter.rank} adapter on {len(adapter.names)} projections"
+
+
 # kind -> routine(model, tokenizer, args) that writes args.out and says what it wrote
 CALIBRATIONS = {"headkv": calibrate_headkv, "duo_attention": calibrate_duo_attention, "qfilter": calibrate_qfilter,
                 "expected_attention": calibrate_expected_attention, "kvzap": calibrate_kvzap,
-                "lukv": calibrate_lukv, "fastkvzip": calibrate_fastkvzip}
+                "lukv": calibrate_lukv, "fastkvzip": calibrate_fastkvzip, "restorekv": calibrate_restorekv}
 
 
 def calibrate_command(args) -> int:
@@ -188,9 +197,9 @@ def calibrate_command(args) -> int:
 
     model, tokenizer = models.load(args.model)
     if args.samples is None:
-        args.samples = {"lukv": 3, "kvzap": 16, "fastkvzip": 16}.get(args.kind, 12)
+        args.samples = {"lukv": 3, "kvzap": 16, "fastkvzip": 16, "restorekv": 8}.get(args.kind, 12)
     if args.steps is None:
-        args.steps = {"fastkvzip": 5000}.get(args.kind, 40)
+        args.steps = {"fastkvzip": 5000, "restorekv": 200}.get(args.kind, 40)
     print(f"wrote {CALIBRATIONS[args.kind](model, tokenizer, args)} to {args.out}")
     return 0
 
@@ -305,9 +314,10 @@ def parser() -> argparse.ArgumentParser:
     calibrate.add_argument("-o", "--out", required=True, help="the file to write")
     calibrate.add_argument("--model", default=None, help="hub id or local folder (default: the bundled SmolLM2)")
     calibrate.add_argument("--samples", type=int, default=None,
-                           help="needle samples (headkv) or text samples (default: 12; lukv 3, kvzap 16)")
+                           help="needle samples (headkv) or text samples (default: 12; lukv 3, kvzap 16, restorekv 8)")
     calibrate.add_argument("--steps", type=int, default=None,
-                           help="duo_attention, fastkvzip: optimisation steps (default: 40; fastkvzip 5000)")
+                           help="duo_attention, fastkvzip, restorekv: optimisation steps (default: 40; fastkvzip 5000, "
+                                "restorekv 200)")
     calibrate.add_argument("--tokens", type=int, default=1500, help="length in tokens of each calibration sample")
     calibrate.add_argument("--text-file", help="qfilter, expected_attention: a local text file to calibrate on "
                                                "(default: the bundled essays)")

@@ -206,6 +206,18 @@ def measure(cache: SqueezeCache, rows: list[torch.Tensor], seconds: float, codec
         quantizer=None if codec is None else codec.spec())
 
 
+def cover_appended(cache: SqueezeCache, ids: torch.Tensor, mask: torch.Tensor | None, pad: int
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The context ids and mask, widened by placeholder columns for tokens a method appended to the cache after
+    the context (RestoreKV's restore tokens): they are in the cache but not in the text, and `generate` must feed
+    the question after them."""
+    extra = cache.get_seq_length() - ids.shape[1]
+    if extra <= 0:
+        return ids, mask
+    ids = torch.cat([ids, ids.new_full((ids.shape[0], extra), pad)], 1)
+    return ids, None if mask is None else torch.cat([mask, mask.new_ones(mask.shape[0], extra)], 1)
+
+
 def compress(model, tokenizer, context: str | torch.Tensor | list, method: Method | None = None, *,
              chunk_size: int | None = None, quantizer: str | Quantizer | None = None, chat_template: bool = True,
              check_window: bool = True, progress: bool = False) -> "CompressedContext":
@@ -228,6 +240,7 @@ def compress(model, tokenizer, context: str | torch.Tensor | list, method: Metho
     start = time.perf_counter()
     prefill(model, ids, cache, method, spans, progress, mask, prompt)
     stats = measure(cache, rows, time.perf_counter() - start, codec)
+    ids, mask = cover_appended(cache, ids, mask, pad_id(model, tokenizer))
     return CompressedContext(model, tokenizer, cache, ids, method, prompt, stats, mask, check_window)
 
 

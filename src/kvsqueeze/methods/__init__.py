@@ -47,6 +47,7 @@ from .qfilter import QFilter
 from .quest import Quest
 from .simlayerkv import SimLayerKV
 from .random import Random
+from .restorekv import RestoreKV
 from .rolling_streaming_llm import RollingStreamingLLM
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
@@ -55,7 +56,7 @@ from .tova import TOVA
 
 
 __all__ = ["AdaKV", "Block", "Chunk", "Finch", "KeyRerotation", "MInference", "Quest", "CAM", "MiniCache", "NACL", "Scissorhands", "Cap", "EntropyGatedChunkKV", "KVgrad", "ChunkKV", "Compactor", "Composed", "CriticalAdaKV", "CriticalKV", "CUR", "DecodingBudget", "DMS", "DuoAttention", "ExpectedAttention", "FastKVzip", "H2O",
-           "HeadKV", "KeyDiff", "KNorm", "KVCompose", "KVzap", "KVzip", "LagKV", "LUKV", "LeverageScore", "Merging", "NonCausalAttention", "ObservedAttention", "PerLayerCompression", "PyramidKV", "QFilter", "Random", "RollingStreamingLLM", "SimLayerKV",
+           "HeadKV", "KeyDiff", "KNorm", "KVCompose", "KVzap", "KVzip", "LagKV", "LUKV", "LeverageScore", "Merging", "NonCausalAttention", "ObservedAttention", "PerLayerCompression", "PyramidKV", "QFilter", "Random", "RestoreKV", "RollingStreamingLLM", "SimLayerKV",
            "SnapKV", "StreamingLLM", "ThinK", "TOVA"]
 
 
