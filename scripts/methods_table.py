@@ -17,12 +17,13 @@ import kvsqueeze
 
 
 def papers(cls) -> str:
+    """Links to the papers the docstring cites (arXiv ids, OpenReview pages), in the order it cites them."""
     doc = inspect.getdoc(cls) or ""
-    ids = list(dict.fromkeys(re.findall(r"arXiv:\s?(\d{4}\.\d{4,5})", doc)))
-    links = [f"[{i}](https://arxiv.org/abs/{i})" for i in ids]
-    links += [f"[OpenReview](https://openreview.net/forum?id={i})"
-              for i in dict.fromkeys(re.findall(r"openreview\.net/forum\?id=(\w+)", doc))]
-    return ", ".join(links) or "—"
+    found = [(m.start(), f"[{m.group(1)}](https://arxiv.org/abs/{m.group(1)})")
+             for m in re.finditer(r"arXiv:\s?(\d{4}\.\d{4,5})", doc)]
+    found += [(m.start(), f"[OpenReview](https://openreview.net/forum?id={m.group(1)})")
+              for m in re.finditer(r"openreview\.net/forum\?id=(\w+)", doc)]
+    return ", ".join(dict.fromkeys(link for _, link in sorted(found))) or "—"
 
 
 def needle(rows: list[dict], spec: str, ratio) -> str:
