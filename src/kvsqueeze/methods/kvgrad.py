@@ -63,8 +63,8 @@ class KVgrad(KVzip):
     """Keeps the KV pairs whose contribution, while the model repeats the context, most moves its final hidden states.
 
     "KVgrad" (https://openreview.net/forum?id=cg1wTCJjjk; NVIDIA kvpress's KVgradPress), on top of KVzip's
-    context reconstruction (Kim et al., arXiv:2505.23416): after the prefill the model repeats the context chunk by chunk on the
-    full cache, and a KV pair c of layer l scores max over reconstruction tokens p (and the query heads
+    context reconstruction (Kim et al., arXiv:2505.23416): after the prefill the model repeats the context
+    chunk by chunk on the full cache, and a KV pair c of layer l scores max over reconstruction tokens p (and the query heads
     of its group) of A_pc * ||W_o v_c|| * ||d Phi / d a_p||, input x gradient attribution of the pair to
     Phi = sum_p ||h_p||^2 over the last decoder layer's outputs. A is KVzip's attention (softmax over sinks,
     chunk and repeated tokens); a_p is the pre-MLP residual stream of layer l (the input of its norm before
