@@ -186,14 +186,3 @@ def test_missing_or_foreign_curve_files_say_how_to_make_one(bundled, tmp_path):
         load_curves(tmp_path / "q.safetensors", model)
     with pytest.raises(ValueError, match="another model"):
         load_curves(skewed_curves(tiny_model("llama")), model)
-
-
-def test_kvsqueeze_calibrate_lukv_writes_curves_the_method_loads(bundled, tmp_path, monkeypatch):
-    from kvsqueeze import cli, models
-
-    monkeypatch.setattr(models, "load", lambda *args, **kwargs: bundled)
-    out = tmp_path / "lukv.safetensors"
-    assert cli.main(["calibrate", "lukv", "-o", str(out), "--samples", "1", "--tokens", "200"]) == 0
-    model, tokenizer = bundled
-    ctx = kvsqueeze.compress(model, tokenizer, "The sky is blue. " * 20, kvsqueeze.LUKV(ratio=0.5, curves=str(out)))
-    assert ctx.stats.compression_ratio == pytest.approx(0.5, abs=0.05)

@@ -243,3 +243,18 @@ def test_calibrate_command_writes_files_the_methods_load(bundled, tmp_path, monk
         assert ctx.stats.compression_ratio == pytest.approx(0.5, abs=0.02)
         assert ctx.stats.bytes_held < 0.6 * ctx.stats.bytes_uncompressed
         assert isinstance(ctx.ask("What is the text about?", max_new_tokens=8), str)
+
+
+@pytest.mark.parametrize("kind, options, build", [
+    ("lukv", ["--tokens", "200"], lambda path: kvsqueeze.LUKV(ratio=0.5, curves=path)),
+    ("kvzap", ["--tokens", "200"], lambda path: kvsqueeze.KVzap(ratio=0.5, surrogate=path)),
+    ("fastkvzip", ["--tokens", "200", "--steps", "20"], lambda path: kvsqueeze.FastKVzip(ratio=0.5, gates=path)),
+    ("restorekv", ["--tokens", "150", "--steps", "1"], lambda path: kvsqueeze.RestoreKV(ratio=0.5, adapter=path)),
+])
+def test_kvsqueeze_calibrate_writes_a_file_the_method_loads(bundled, tmp_path, monkeypatch, kind, options, build):
+    monkeypatch.setattr(kvsqueeze.models, "load", lambda *args, **kwargs: bundled)
+    out = tmp_path / f"{kind}.safetensors"
+    assert main(["calibrate", kind, "-o", str(out), "--samples", "1", *options]) == 0
+    model, tokenizer = bundled
+    ctx = kvsqueeze.compress(model, tokenizer, "The sky is blue. " * 20, build(str(out)))
+    assert ctx.stats.compression_ratio == pytest.approx(0.5, abs=0.05)

@@ -171,15 +171,3 @@ def test_trains_on_the_bundled_model_and_answers(bundled, tmp_path):
     assert ctx.stats.compression_ratio == pytest.approx(0.5, abs=0.01)
     assert ctx.stats.bytes_held <= 0.56 * ctx.stats.bytes_uncompressed
     assert isinstance(ctx.ask(sample.question, max_new_tokens=8), str)
-
-
-def test_kvsqueeze_calibrate_restorekv_writes_an_adapter_the_method_loads(bundled, tmp_path, monkeypatch):
-    from kvsqueeze import cli, models
-
-    monkeypatch.setattr(models, "load", lambda *args, **kwargs: bundled)
-    out = tmp_path / "restorekv.safetensors"
-    assert cli.main(["calibrate", "restorekv", "-o", str(out), "--samples", "1", "--tokens", "150",
-                     "--steps", "1"]) == 0
-    model, tokenizer = bundled
-    ctx = kvsqueeze.compress(model, tokenizer, "The sky is blue. " * 20, kvsqueeze.RestoreKV(ratio=0.5, adapter=str(out)))
-    assert ctx.stats.compression_ratio == pytest.approx(0.5, abs=0.05)

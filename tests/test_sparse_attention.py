@@ -135,6 +135,16 @@ def test_quest_measures_bytes_held_and_read():
     assert stats["read_fraction"] < 0.5
 
 
+def test_a_wrapper_keeps_the_methods_own_attention():
+    """Composed routes the model's attention through Quest's as Quest alone does: same answer, same bytes read."""
+    model = tiny_model("llama")
+    ctx, question = compress(model, None, random_ids(200, seed=1)), random_ids(5, seed=2)
+    alone, wrapped = kvsqueeze.Quest(budget=32), kvsqueeze.Quest(budget=32)
+    expected = ctx.generate(question, alone, max_new_tokens=8)
+    assert torch.equal(ctx.generate(question, kvsqueeze.Composed([wrapped]), max_new_tokens=8), expected)
+    assert wrapped.steps == alone.steps and len(wrapped.steps) == 7
+
+
 def test_quest_budget_as_a_fraction_of_the_stored_tokens():
     quest = kvsqueeze.Quest(budget=0.25)
     assert quest.pages_read(1024) == 16 and quest.pages_read(64) == 2

@@ -178,12 +178,13 @@ def make_attention(base: str) -> Callable:
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
             return ragged_attention(layer, query, scaling, allowed), None
         attention_mask = layer_mask(attention_mask, query, key.shape[-2], layer.fresh, base)
+        attend = base_function(base, module)
         override = attention_overrides.get(module)
         if override is not None:
-            out = override(module, query, key, value, attention_mask, base_function(base, module), **kwargs)
+            out = override(module, query, key, value, attention_mask, attend, **kwargs)
             if out is not None:
                 return out
-        return base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
+        return attend(module, query, key, value, attention_mask, **kwargs)
 
     return attention
 

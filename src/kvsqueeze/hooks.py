@@ -8,7 +8,7 @@ layer keeps. Nothing in the model's code is patched: the hooks are removed on ex
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -255,7 +255,8 @@ def quantized_squeeze_cache(model: nn.Module, cache: QuantizedCache) -> SqueezeC
 
 @contextmanager
 def hooked(model: nn.Module, method: "Method"):
-    """Run `method` after every attention layer of `model` while the context is open."""
+    """Run `method` after every attention layer of `model` while the context is open (and its own attention, if it
+    has one, in place of the model's)."""
     modules = attention_modules(model)
     attention.install(model)
     rotary = rotary_embedding(model)
@@ -286,8 +287,10 @@ def hooked(model: nn.Module, method: "Method"):
     for module in modules:
         handles.append(module.register_forward_hook(after_attention, with_kwargs=True))
         attention.query_observers[module] = lambda query, module=module: captured.__setitem__(module, query)
+    overrides = attention.overridden(modules, method.attend) if method.overrides_attention() else nullcontext()
     try:
-        yield method
+        with overrides:
+            yield method
     finally:
         for handle in handles:
             handle.remove()

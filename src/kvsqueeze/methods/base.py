@@ -62,6 +62,16 @@ class Method:
     def compress(self, ctx: LayerContext) -> None:
         raise NotImplementedError
 
+    def attend(self, module, query, key, value, mask, attend, **kwargs) -> torch.Tensor | None:
+        """The method's own attention for a dense kvsqueeze layer while it is applied (Quest reads only some pages,
+        MInference computes a sparse prefill): the output as `attend` (the model's attention function) returns it,
+        or None for the model's attention. See `attention.attention_overrides`."""
+        return None
+
+    def overrides_attention(self) -> bool:
+        """Whether `attend` is the method's own (then `apply` routes the model's attention through it)."""
+        return type(self).attend is not Method.attend
+
     def after_prefill(self, model: torch.nn.Module, cache, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       prompt=None) -> None:
         """Called once by `pipeline.prefill` when the whole context is in `cache`, after the attention hooks are

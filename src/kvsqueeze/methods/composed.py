@@ -40,6 +40,16 @@ class Composed(Method):
             if method.acts_on(ctx):
                 method.compress(ctx)
 
+    def attend(self, module, query, key, value, mask, attend, **kwargs):
+        for method in self.methods:  # the first method with its own attention for this layer takes it
+            out = method.attend(module, query, key, value, mask, attend, **kwargs)
+            if out is not None:
+                return out
+        return None
+
+    def overrides_attention(self) -> bool:
+        return any(method.overrides_attention() for method in self.methods)
+
     def after_prefill(self, model, cache, ids, attention_mask=None, prompt=None) -> None:
         for method in self.methods:
             method.after_prefill(model, cache, ids, attention_mask, prompt)

@@ -87,7 +87,7 @@ class KeyRerotation(Method):
         self.method = method
         self.phase = method.phase
         self.needs_whole_context = method.needs_whole_context
-        self.changes_prefill = getattr(method, "changes_prefill", False)
+        self.changes_prefill = method.changes_prefill
 
     def setup(self, model):
         self.method.setup(model)
@@ -100,6 +100,12 @@ class KeyRerotation(Method):
 
     def compress(self, ctx: LayerContext) -> None:
         self.method.compress(RerotatingContext.of(ctx))
+
+    def attend(self, module, query, key, value, mask, attend, **kwargs):
+        return self.method.attend(module, query, key, value, mask, attend, **kwargs)
+
+    def overrides_attention(self) -> bool:
+        return self.method.overrides_attention()
 
     def describe(self):
         return {"method": self.method}

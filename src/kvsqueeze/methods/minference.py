@@ -1,9 +1,7 @@
-from contextlib import contextmanager
 
 import torch
 
-from .. import attention
-from ..hooks import LayerContext, attention_modules
+from ..hooks import LayerContext
 from .base import Method
 
 
@@ -106,11 +104,6 @@ class MInference(Method):
         if vertical_size < 1 or slash_size < 1 or last_q < 1:
             raise ValueError(f"MInference needs positive sizes; got {vertical_size}, {slash_size}, {last_q}")
         self.vertical_size, self.slash_size, self.last_q = vertical_size, slash_size, last_q
-
-    @contextmanager
-    def apply(self, model: torch.nn.Module):
-        with super().apply(model), attention.overridden(attention_modules(model), self.attend):
-            yield self
 
     def attend(self, module, query, key, value, mask, attend, **kwargs):
         stored, layer = key.shape[-2], key.kvsqueeze_layer

@@ -1,11 +1,10 @@
-from contextlib import contextmanager
 from weakref import WeakKeyDictionary
 
 import torch
 
 from .. import attention
 from ..cache import layer_types
-from ..hooks import LayerContext, attention_modules
+from ..hooks import LayerContext
 from .base import Method
 
 
@@ -61,11 +60,6 @@ class Quest(Method):
         kinds = layer_types(model.config)
         self._last_layer = max(i for i, kind in enumerate(kinds) if kind == "full_attention")
         self._reset()
-
-    @contextmanager
-    def apply(self, model: torch.nn.Module):
-        with super().apply(model), attention.overridden(attention_modules(model), self.attend):
-            yield self
 
     def pages_read(self, stored: int) -> int:
         """Pages each head reads (the newest one included) when the layer stores `stored` tokens."""

@@ -202,11 +202,11 @@ def train_restore(model, tokenizer, texts: list[str] | None = None, out: str | P
     lr 1e-3. The paper's training data, rank and schedule could not be read here: rank 16 on every
     projection (alpha 32) is about 0.5% of an 8B model, near the ~0.4% kvpress reports.
     """
-    from ..evaluation.needle import haystack
     from ..pipeline import compress
+    from .kvzap import default_texts
 
     if texts is None:
-        texts = ["\n\n".join(haystack(tokenizer, tokens, seed=s)) for s in range(samples)]
+        texts = default_texts(tokenizer, samples, tokens)
     adapter = RestoreAdapter.for_model(model, n_tokens, rank, alpha, seed)
     methods = [RestoreKV(ratio=r, adapter=adapter) for r in ratios]
     for method in methods:

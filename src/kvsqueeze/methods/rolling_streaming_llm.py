@@ -17,6 +17,7 @@ class RollingStreamingLLM(Method):
 
     name = "rolling_streaming_llm"
     phase = "both"
+    changes_prefill = True  # positions follow the cache, not the text: its prefill is not the plain model's
 
     def __init__(self, window: int = 1024, n_sink: int = 4, interval: int = 64):
         if not 0 <= n_sink < window or interval <= 0:
