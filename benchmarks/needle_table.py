@@ -15,23 +15,13 @@ alone); benchmarks/score_vs_bytes.py plots the score against the bytes held.
 """
 
 import argparse
-import inspect
-import itertools
 import json
 import time
 from pathlib import Path
 
 import kvsqueeze
-from kvsqueeze.evaluation.runner import Configuration, compressed
+from kvsqueeze.evaluation.runner import compressed, configurations
 from kvsqueeze.evaluation.needle import needle_sample
-
-
-def configurations(specs, ratios):
-    for spec in specs:
-        name = spec.partition(":")[0]
-        takes_ratio = "ratio" in inspect.signature(kvsqueeze.available()[name]).parameters if name != "full" else False
-        for ratio in (ratios if takes_ratio else [None]):
-            yield spec, ratio
 
 
 def main():
@@ -55,20 +45,19 @@ def main():
     models = {attn: kvsqueeze.load(args.model, attn_implementation=attn) for attn in ("sdpa", "eager")}
     tokenizer = models["sdpa"][1]
     samples = [needle_sample(tokenizer, args.tokens, i / max(args.samples - 1, 1), seed=i) for i in range(args.samples)]
-    grid = list(itertools.product(configurations(specs, ratios), quants))
+    grid = configurations(specs, ratios, quants)
     with out_path.open("a") as out:
         for sample in samples:
-            todo = [(spec, ratio, quant) for (spec, ratio), quant in grid
-                    if (spec, ratio, args.chunk, quant, sample.depth) not in done]
+            todo = [c for c in grid if (c.method, c.ratio, args.chunk, c.quant, sample.depth) not in done]
             for attn in ("sdpa", "eager"):
-                group = [c for c in todo if (c[0].startswith("observed_attention")) == (attn == "eager")]
+                group = [c for c in todo if c.method.startswith("observed_attention") == (attn == "eager")]
                 if group:
                     start = time.perf_counter()
-                    for (spec, ratio, quant), ctx in zip(group, compressed(
-                            models[attn][0], tokenizer, sample.context, [Configuration(*c) for c in group],
-                            chunk_size=args.chunk)):
+                    for c, ctx in zip(group, compressed(models[attn][0], tokenizer, sample.context, group,
+                                                        chunk_size=args.chunk)):
                         answer = ctx.ask(sample.question, max_new_tokens=24)
-                        out.write(json.dumps({"method": spec, "ratio": ratio, "chunk": args.chunk, "quant": quant,
+                        out.write(json.dumps({"method": c.method, "ratio": c.ratio, "chunk": args.chunk,
+                                              "quant": c.quant,
                                               "depth": sample.depth, "answer": answer,
                                               "expected": sample.answer, "correct": sample.correct(answer),
                                               "tokens": ctx.stats.context_tokens,

@@ -29,6 +29,7 @@ from .cache import layer_types
 from .evaluation.needle import haystack, needle_sample
 from .hooks import LayerContext
 from .methods.base import Method
+from .models import frozen
 from .pipeline import compress
 from .prompt import Prompt
 
@@ -137,37 +138,33 @@ def duo_attention_gates(model, tokenizer, steps: int = 40, tokens: int = 1200, s
     gates = torch.ones(config.num_hidden_layers, config.num_key_value_heads, requires_grad=True)
     optimiser = torch.optim.AdamW([gates], lr=lr, weight_decay=0.0)
     previous = model.config._attn_implementation
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
     prompt, rng = Prompt.for_tokenizer(tokenizer), random.Random(seed)
     duo_gates.update(sink=sink_size, recent=recent_size)
     try:
-        for step in tqdm(range(steps), desc="DuoAttention gates", disable=not progress):
-            sample = needle_sample(tokenizer, tokens, rng.uniform(0.05, 0.95), seed=seed + step)
-            answer = tokenizer(sample.answer, add_special_tokens=False, return_tensors="pt").input_ids
-            ids = torch.cat([prompt.context_ids(sample.context), prompt.question_ids(sample.question), answer], 1)
-            ids = ids.to(model.device)
-            targets = torch.arange(ids.shape[1] - answer.shape[1] - 1, ids.shape[1] - 1)
-            model.set_attn_implementation(DUO_IMPLEMENTATION)
-            with torch.no_grad():
-                duo_gates["gates"] = None
-                reference = model.base_model(input_ids=ids).last_hidden_state[:, targets]
-            duo_gates["gates"] = gates
-            with torch.enable_grad():
-                mixed = model.base_model(input_ids=ids).last_hidden_state[:, targets]
-                full_layers = torch.tensor([t == "full_attention" for t in types])
-                loss = (mixed - reference).pow(2).mean() + regularization * gates[full_layers].mean()
-                optimiser.zero_grad()
-                loss.backward()
-            optimiser.step()
-            with torch.no_grad():
-                gates.clamp_(0, 1)
+        with frozen(model):
+            for step in tqdm(range(steps), desc="DuoAttention gates", disable=not progress):
+                sample = needle_sample(tokenizer, tokens, rng.uniform(0.05, 0.95), seed=seed + step)
+                answer = tokenizer(sample.answer, add_special_tokens=False, return_tensors="pt").input_ids
+                ids = torch.cat([prompt.context_ids(sample.context), prompt.question_ids(sample.question), answer], 1)
+                ids = ids.to(model.device)
+                targets = torch.arange(ids.shape[1] - answer.shape[1] - 1, ids.shape[1] - 1)
+                model.set_attn_implementation(DUO_IMPLEMENTATION)
+                with torch.no_grad():
+                    duo_gates["gates"] = None
+                    reference = model.base_model(input_ids=ids).last_hidden_state[:, targets]
+                duo_gates["gates"] = gates
+                with torch.enable_grad():
+                    mixed = model.base_model(input_ids=ids).last_hidden_state[:, targets]
+                    full_layers = torch.tensor([t == "full_attention" for t in types])
+                    loss = (mixed - reference).pow(2).mean() + regularization * gates[full_layers].mean()
+                    optimiser.zero_grad()
+                    loss.backward()
+                optimiser.step()
+                with torch.no_grad():
+                    gates.clamp_(0, 1)
     finally:
         duo_gates["gates"] = None
         model.set_attn_implementation(previous)
-        for p in trainable:
-            p.requires_grad_(True)
     return gates.detach()
 
 

@@ -319,8 +319,8 @@ def parser() -> argparse.ArgumentParser:
                            help="duo_attention, fastkvzip, restorekv: optimisation steps (default: 40; fastkvzip 5000, "
                                 "restorekv 200)")
     calibrate.add_argument("--tokens", type=int, default=1500, help="length in tokens of each calibration sample")
-    calibrate.add_argument("--text-file", help="qfilter, expected_attention: a local text file to calibrate on "
-                                               "(default: the bundled essays)")
+    calibrate.add_argument("--text-file", help="every kind but headkv and duo_attention: a local text file to calibrate "
+                                               "on (default: the bundled essays)")
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.set_defaults(handler=calibrate_command)
 

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -58,3 +59,17 @@ def load(name: str | None = None, dtype: str | torch.dtype = "auto", device: str
                                                  attn_implementation=attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
+
+
+@contextmanager
+def frozen(model):
+    """The model's weights stop requiring gradients while the block runs (offline training of what a method loads:
+    only its own parameters learn, and no gradient is computed for the model's)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)

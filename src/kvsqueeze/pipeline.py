@@ -236,11 +236,12 @@ def compress(model, tokenizer, context: str | torch.Tensor | list, method: Metho
     cache = SqueezeCache(model.config, quantizer=codec)
     # sliding windows count positions, padding included: no padding may sit in the middle of them
     aligned = not any(isinstance(layer, SlidingWindowLayer) for layer in cache.layers)
-    ids, mask, spans = pack(rows, chunk_size, pad_id(model, tokenizer), aligned)
+    pad = pad_id(model, tokenizer)
+    ids, mask, spans = pack(rows, chunk_size, pad, aligned)
     start = time.perf_counter()
     prefill(model, ids, cache, method, spans, progress, mask, prompt)
     stats = measure(cache, rows, time.perf_counter() - start, codec)
-    ids, mask = cover_appended(cache, ids, mask, pad_id(model, tokenizer))
+    ids, mask = cover_appended(cache, ids, mask, pad)
     return CompressedContext(model, tokenizer, cache, ids, method, prompt, stats, mask, check_window)
 
 

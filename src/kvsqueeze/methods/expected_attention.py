@@ -49,7 +49,8 @@ class ExpectedAttention(ScorerMethod):
         if self.stats is not None:
             from ..calibration import load_calibration  # calibration runs methods: imported when used
 
-            self.loaded = load_calibration(self.stats, "expected_attention", model)
+            loaded = load_calibration(self.stats, "expected_attention", model)
+            self.loaded = {name: t.to(model.device) for name, t in loaded.items()}
 
     def query_statistics(self, ctx: LayerContext, rank: torch.Tensor, n_sink: torch.Tensor):
         """Mean [batch, heads, d] and covariance [batch, heads, d, d] (None without use_covariance) of the
@@ -58,8 +59,9 @@ class ExpectedAttention(ScorerMethod):
         if self.loaded is not None:
             device = ctx.keys.device
             mean = self.loaded["mean"][ctx.layer_idx].to(device).expand(batch, -1, -1)
-            covariance = self.loaded["covariance"][ctx.layer_idx].to(device).expand(batch, -1, -1, -1)
-            return mean, covariance if self.use_covariance else None
+            if not self.use_covariance:
+                return mean, None
+            return mean, self.loaded["covariance"][ctx.layer_idx].to(device).expand(batch, -1, -1, -1)
         queries = ctx.pre_rope_queries.float()
         counted = (rank[:, 0, -ctx.n_new:] >= n_sink[:, 0]).float()  # [batch, new]
         if ctx.new_real is not None:

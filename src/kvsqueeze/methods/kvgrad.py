@@ -3,6 +3,7 @@ from contextlib import contextmanager
 import torch
 
 from ..hooks import attention_modules
+from ..models import frozen
 from .kvzip import KVzip, attention_to, observe, output_norms, real_positions, repeat_inputs, rows, sink_length
 
 
@@ -10,17 +11,12 @@ from .kvzip import KVzip, attention_to, observe, output_norms, real_positions, r
 def differentiable(model):
     """Activations carry gradients while the weights stay frozen: the embeddings are made to require grad and the
     parameters stop requiring it (restored on exit; nothing is accumulated in any parameter's .grad)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
     hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.detach().requires_grad_())
     try:
-        with torch.enable_grad():
+        with frozen(model), torch.enable_grad():
             yield
     finally:
         hook.remove()
-        for p in trainable:
-            p.requires_grad_(True)
 
 
 def residual_norm(decoder_layer):

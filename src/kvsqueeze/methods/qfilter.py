@@ -33,7 +33,7 @@ class QFilter(ScorerMethod):
         from ..calibration import load_calibration  # calibration runs methods: imported when used
 
         source = {"filters": self.filters} if isinstance(self.filters, torch.Tensor) else self.filters
-        self.loaded = load_calibration(source, "qfilter", model)["filters"]
+        self.loaded = load_calibration(source, "qfilter", model)["filters"].to(model.device)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         if self.loaded is None:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..models import frozen
 from .kvzip import KVzip, eviction_plan, repeat_inputs, sink_length
 
 COMMAND = "`kvsqueeze calibrate restorekv --out FILE`"
@@ -208,24 +209,19 @@ def train_restore(model, tokenizer, texts: list[str] | None = None, out: str | P
     if texts is None:
         texts = default_texts(tokenizer, samples, tokens)
     adapter = RestoreAdapter.for_model(model, n_tokens, rank, alpha, seed)
-    methods = [RestoreKV(ratio=r, adapter=adapter) for r in ratios]
-    for method in methods:
-        method.plus = plus
+    methods, scorer = [RestoreKV(ratio=r, adapter=adapter) for r in ratios], KVzip(plus=plus)
     contexts = []
     for text in tqdm(texts, desc="KVzip scores", disable=not progress):
         ctx = compress(model, tokenizer, text)
         ids = ctx.context_ids
         with torch.no_grad():
-            scores = methods[0].importance(model, ctx.cache, ids, None, ctx.prompt)
-        sink = sink_length(ctx.prompt, ids[0], methods[0].n_sink)
+            scores = scorer.importance(model, ctx.cache, ids, None, ctx.prompt)
+        sink = sink_length(ctx.prompt, ids[0], scorer.n_sink)
         contexts.append((ctx, scores, repeat_inputs(ctx.prompt, ids[0], sink, span, overlap=8)))
     rng = random.Random(seed)
     optimiser = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        bar = tqdm(range(steps), desc="RestoreKV", disable=not progress)
+    bar = tqdm(range(steps), desc="RestoreKV", disable=not progress)
+    with frozen(model):
         for step in bar:
             ctx, scores, inputs = contexts[step % len(contexts)]
             method = methods[step % len(methods)]
@@ -242,9 +238,6 @@ def train_restore(model, tokenizer, texts: list[str] | None = None, out: str | P
                 loss.backward()
             optimiser.step()
             bar.set_postfix(kl=f"{loss.item():.4f}")
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     if out is not None:
         adapter.save(out, model, {"plus": plus, "samples": len(texts), "tokens": tokens, "steps": steps,
                                   "ratios": list(ratios), "span": span, "seed": seed})
