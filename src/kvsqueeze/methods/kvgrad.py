@@ -4,7 +4,7 @@ import torch
 
 from ..hooks import attention_modules
 from ..models import frozen
-from .kvzip import KVzip, attention_to, observe, output_norms, real_positions, repeat_inputs, rows, sink_length
+from .kvzip import KVzip, observe, repeat_inputs, rows, sink_length
 
 
 @contextmanager
@@ -60,8 +60,8 @@ class KVgrad(KVzip):
 
     "KVgrad" (https://openreview.net/forum?id=cg1wTCJjjk; NVIDIA kvpress's KVgradPress), on top of KVzip's
     context reconstruction (Kim et al., arXiv:2505.23416): after the prefill the model repeats the context
-    chunk by chunk on the full cache, and a KV pair c of layer l scores max over reconstruction tokens p (and the query heads
-    of its group) of A_pc * ||W_o v_c|| * ||d Phi / d a_p||, input x gradient attribution of the pair to
+    chunk by chunk on the full cache, and a KV pair c of layer l scores max over reconstruction tokens p (and the
+    query heads of its group) of A_pc * ||W_o v_c|| * ||d Phi / d a_p||, input x gradient attribution of the pair to
     Phi = sum_p ||h_p||^2 over the last decoder layer's outputs. A is KVzip's attention (softmax over sinks,
     chunk and repeated tokens); a_p is the pre-MLP residual stream of layer l (the input of its norm before
     the MLP). Selection is KVzip's: `level="pair"`
@@ -88,21 +88,9 @@ class KVgrad(KVzip):
                     grads = torch.autograd.grad(objective, [captured["residual"][i] for i in layers])
                 with torch.no_grad():
                     for ctx, grad in zip(contexts, grads):
-                            self.score_chunk(scores, ctx, grad.float().norm(dim=-1), b, ids.shape[0], sink, start, end)
+                        self.score_chunk(scores, ctx, b, ids.shape[0], sink, start, end, grad.float().norm(dim=-1),
+                                         value_norms=True)
         return scores
-
-    @staticmethod
-    def score_chunk(scores, ctx, gradient_norms, b, batch, sink, start, end):
-        """Scores of the chunk's pairs in this layer from its reconstruction forward; sinks +inf."""
-        positions = real_positions(ctx)
-        if ctx.layer_idx not in scores:
-            shape = (batch, ctx.n_kv_heads, ctx.n_stored - ctx.n_new)
-            scores[ctx.layer_idx] = torch.full(shape, float("-inf"), device=ctx.keys.device)
-        row = scores[ctx.layer_idx][b]
-        row[:, positions[:sink]] = float("inf")
-        columns = torch.cat([positions[:sink], positions[start:end]])
-        attributed = attention_to(ctx, columns, gradient_norms)[..., sink:] * output_norms(ctx, positions[start:end])
-        row[:, positions[start:end]] = attributed.view(1, ctx.n_kv_heads, ctx.group_size, -1).amax(2)[0]
 
     def describe(self):
         return self.budget.describe() | {"level": self.level, "chunk_size": self.chunk_size, "n_sink": self.n_sink}

@@ -217,24 +217,30 @@ class KVzip(ReplayMethod):
         for b, fork, real_ids, mask in rows(cache, ids, attention_mask):
             sink = sink_length(prompt, real_ids, self.n_sink)
             for start, end, repeat in repeat_inputs(prompt, real_ids, sink, self.chunk_size, overlap=8):
-                def score_chunk(ctx, start=start, end=end, sink=sink):
-                    positions = real_positions(ctx)
-                    if ctx.layer_idx not in scores:
-                        shape = (ids.shape[0], ctx.n_kv_heads, ctx.n_stored - ctx.n_new)
-                        scores[ctx.layer_idx] = torch.full(shape, float("-inf"), device=ctx.keys.device)
-                    row = scores[ctx.layer_idx][b]
-                    row[:, positions[:sink]] = float("inf")
-                    columns = torch.cat([positions[:sink], positions[start:end]])
-                    weights = None
-                    if self.plus:
-                        weights = 1 / ctx.hidden_states.float().norm(dim=-1).clamp(min=1e-6)
-                    seen_by = attention_to(ctx, columns, weights)[..., sink:]
-                    if self.plus:
-                        seen_by = seen_by * output_norms(ctx, positions[start:end])
-                    group = seen_by.view(1, ctx.n_kv_heads, ctx.group_size, -1).amax(2)
-                    row[:, positions[start:end]] = group[0]
-                observe(model, fork, repeat, score_chunk, mask, start=len(real_ids))
+                def on_layer(ctx, b=b, start=start, end=end, sink=sink):
+                    weights = 1 / ctx.hidden_states.float().norm(dim=-1).clamp(min=1e-6) if self.plus else None
+                    self.score_chunk(scores, ctx, b, ids.shape[0], sink, start, end, weights, self.plus)
+                observe(model, fork, repeat, on_layer, mask, start=len(real_ids))
         return scores
+
+    @staticmethod
+    def score_chunk(scores: dict[int, torch.Tensor], ctx: LayerContext, b: int, batch: int, sink: int, start: int,
+                    end: int, query_weights: torch.Tensor | None = None, value_norms: bool = False) -> None:
+        """Fill row `b` of this layer's scores (a [batch, kv_heads, stored] table, made on first use, padding -inf)
+        for the chunk [start, end) from its reconstruction forward: the most attention any query of the KV head's
+        group pays each pair (each query's probabilities scaled by `query_weights`), times ||W_o v|| with
+        `value_norms`; the sinks +inf."""
+        positions = real_positions(ctx)
+        if ctx.layer_idx not in scores:
+            shape = (batch, ctx.n_kv_heads, ctx.n_stored - ctx.n_new)
+            scores[ctx.layer_idx] = torch.full(shape, float("-inf"), device=ctx.keys.device)
+        row = scores[ctx.layer_idx][b]
+        row[:, positions[:sink]] = float("inf")
+        columns = torch.cat([positions[:sink], positions[start:end]])
+        seen_by = attention_to(ctx, columns, query_weights)[..., sink:]
+        if value_norms:
+            seen_by = seen_by * output_norms(ctx, positions[start:end])
+        row[:, positions[start:end]] = seen_by.view(1, ctx.n_kv_heads, ctx.group_size, -1).amax(2)[0]
 
     def describe(self):
         return self.budget.describe() | {"level": self.level, "chunk_size": self.chunk_size, "n_sink": self.n_sink,
