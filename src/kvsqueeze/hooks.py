@@ -77,10 +77,14 @@ class LayerContext:
         """Keep the stored tokens where `mask` [batch, kv_heads, stored] is True; the cache frees the others.
 
         With `rows` [batch], only those rows change; the others keep all their real tokens."""
-        if rows is not None and not bool(rows.all()):
-            unchanged = torch.ones_like(mask) if self.real is None else self.real
-            mask = torch.where(rows.to(mask.device)[:, None, None], mask, unchanged)
-        self.cache.keep(self.layer_idx, mask)
+        self.cache.keep(self.layer_idx, self.in_rows(mask, rows))
+
+    def in_rows(self, mask: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """`mask` [batch, kv_heads, stored] in the `rows` [batch] given (None: all), every real token elsewhere."""
+        if rows is None or bool(rows.all()):
+            return mask
+        unchanged = torch.ones_like(mask) if self.real is None else self.real
+        return torch.where(rows.to(mask.device)[:, None, None], mask, unchanged)
 
     def prune_key_channels(self, channels: torch.Tensor) -> None:
         """Keep only `channels` [batch, kv_heads, kept_dim] of the stored keys."""

@@ -39,10 +39,9 @@ class RerotatingContext(LayerContext):
         return cls(**{f.name: getattr(ctx, f.name) for f in fields(ctx)})
 
     def keep(self, mask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        real = torch.ones_like(mask) if self.real is None else self.real
-        if rows is not None and not bool(rows.all()):
-            mask = torch.where(rows.to(mask.device)[:, None, None], mask, real)
-        mask = mask & real
+        mask = self.in_rows(mask, rows)
+        if self.real is not None:
+            mask = mask & self.real
         layer = self.layer
         if isinstance(layer, RaggedLayer) and layer.key_channels is not None:
             self.prune_key_channels(layer.key_channels)

@@ -57,7 +57,7 @@ class Merging(ScorerWrapper):
             return
         real = ctx.real if ctx.real is not None else torch.ones(ctx.keys.shape[:-1], dtype=torch.bool,
                                                                    device=ctx.keys.device)
-        keep = torch.where(over.to(real.device)[:, None, None], self.keep_mask(ctx), real)
+        keep = ctx.in_rows(self.keep_mask(ctx), over)
         layer = ctx.layer
         if isinstance(layer, RaggedLayer):
             raise NotImplementedError("Merging compresses dense layers (one budget per head), not ragged ones")
