@@ -124,6 +124,9 @@ def test_key_rerotation_settings():
         KeyRerotation(ratio=0.5, method=kvsqueeze.SnapKV(ratio=0.5))
     with pytest.raises(NotImplementedError, match="pruned"):
         kvsqueeze.compress(tiny_model(), None, random_ids(40), KeyRerotation(method=kvsqueeze.ThinK()))
+    for evicts_after_prefill in (kvsqueeze.KVzip(ratio=0.5), kvsqueeze.Composed(["knorm", "kvcompose"])):
+        with pytest.raises(ValueError, match="evicts after the prefill"):
+            KeyRerotation(method=evicts_after_prefill)
 
 
 # -- Finch --

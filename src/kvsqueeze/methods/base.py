@@ -80,6 +80,10 @@ class Method:
         from extra forwards over the whole context (KVzip, KVCompose) do it here, on forks of the cache, and then
         evict with `cache.keep`; they set `changes_prefill` and `needs_whole_context`. By default, nothing."""
 
+    def decides_after_prefill(self) -> bool:
+        """Whether `after_prefill` is the method's own (it evicts once the whole context is in the cache)."""
+        return type(self).after_prefill is not Method.after_prefill
+
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
         return f"{type(self).__name__}({args})"

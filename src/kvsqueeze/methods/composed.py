@@ -54,5 +54,8 @@ class Composed(Method):
         for method in self.methods:
             method.after_prefill(model, cache, ids, attention_mask, prompt)
 
+    def decides_after_prefill(self) -> bool:
+        return any(method.decides_after_prefill() for method in self.methods)
+
     def describe(self):
         return {"methods": self.methods}

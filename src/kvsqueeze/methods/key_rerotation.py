@@ -71,7 +71,8 @@ class KeyRerotation(Method):
     the next token at position `kept`, and it needs no change to positions: every head, even with its own
     number of kept tokens (AdaKV), every layer, and the model's sliding-window layers agree on where the
     next token is. Wraps any method that evicts tokens (a registry name, built with `ratio`/`budget`, or
-    an instance), at any phase; not key-channel pruning (ThinK).
+    an instance), at any phase; not key-channel pruning (ThinK), nor methods that evict after the prefill
+    (KVzip, KVCompose).
     """
 
     name = "key_rerotation"
@@ -83,6 +84,9 @@ class KeyRerotation(Method):
             method = build(method, ratio=ratio, budget=budget)
         elif ratio is not None or budget is not None:
             raise ValueError("give ratio / budget to the wrapped method itself when it is an instance")
+        if method.decides_after_prefill():
+            raise ValueError(f"KeyRerotation cannot wrap {type(method).__name__}: it evicts after the prefill, from the "
+                             "whole cache, where no keys can be re-rotated")
         self.method = method
         self.phase = method.phase
         self.needs_whole_context = method.needs_whole_context
