@@ -253,6 +253,16 @@ def test_composed_methods_each_compress_what_the_previous_one_left():
     assert [m.name for m in built.methods] == ["streaming_llm", "think"] and built.needs_whole_context
 
 
+def test_a_chain_refuses_pre_rope_keys_after_an_earlier_method_compressed():
+    from conftest import random_ids
+
+    leverage, knorm = kvsqueeze.LeverageScore(ratio=0.5), kvsqueeze.KNorm(ratio=0.75)
+    first = kvsqueeze.compress(MODEL, None, random_ids(40), kvsqueeze.Composed([leverage, knorm]))
+    assert [layer.stored for layer in first.cache.layers] == [10] * 4
+    with pytest.raises(RuntimeError, match="put the method that needs them first"):
+        kvsqueeze.compress(MODEL, None, random_ids(40), kvsqueeze.Composed([kvsqueeze.KNorm(ratio=0.25), leverage]))
+
+
 def test_per_layer_compression_gives_each_layer_its_ratio():
     from conftest import random_ids
 

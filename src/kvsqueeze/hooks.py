@@ -64,6 +64,18 @@ class LayerContext:
     captured_queries: torch.Tensor | None = field(default=None, repr=False)
     rotary_embedding: nn.Module | None = field(default=None, repr=False)
     _view: tuple | None = field(default=None, repr=False)
+    _as_left: tuple | None = field(default=None, repr=False)  # (layer, its keys) as this forward left them
+
+    def __post_init__(self):
+        if self._as_left is None:
+            self._as_left = (self.layer, getattr(self.layer, "keys", None))
+
+    @property
+    def untouched(self) -> bool:
+        """Whether the layer still holds what this forward left in it: no method of a chain has compressed it yet
+        (a ragged layer is replaced, never edited; a dense one gets new key tensors)."""
+        layer, keys = self._as_left
+        return self.layer is layer and getattr(layer, "keys", None) is keys
 
     @property
     def layer_idx(self) -> int:
@@ -190,9 +202,16 @@ class LayerContext:
         """Queries before the rotary embedding (the inverse rotation of `queries`)."""
         return self.unrotate(self.queries)
 
-    @cached_property
+    @property
     def pre_rope_keys(self) -> torch.Tensor:
         """Keys of this forward's tokens (the last `n_new` stored) before the rotary embedding."""
+        if not self.untouched:
+            raise RuntimeError("the pre-RoPE keys of this forward's tokens are unknown once an earlier method of a "
+                               "chain has compressed the layer: put the method that needs them first")
+        return self._pre_rope_keys
+
+    @cached_property
+    def _pre_rope_keys(self) -> torch.Tensor:
         return self.unrotate(self.keys[..., -self.n_new:, :])
 
     def rotary_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
