@@ -99,3 +99,16 @@ def test_the_eval_command_reads_a_yaml_sweep_and_writes_table_and_plots(tmp_path
     assert cli.main(["eval", "-b", "nonesuch"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
     assert cli.main(["eval", "-b", "needle", "-m", "nonesuch"]) == 2
+
+
+def test_longbench_e_rows_are_averaged_over_tasks_within_each_length_bucket():
+    def row(task, bucket, score, method="full", ratio=None):
+        return {"method": method, "ratio": ratio, "quant": None, "task": task, "score": score, "bytes_held": 1,
+                "bytes_uncompressed": 1, "metadata": {"length_bucket": bucket}}
+
+    rows = [row("trec", "0-4k", 100.0), row("trec", "0-4k", 50.0), row("trec", "8k+", 0.0), row("qasper", "0-4k", 25.0),
+            row("qasper", "4-8k", 40.0), row("trec", "0-4k", 10.0, "knorm", 0.5)]
+    assert evaluation.bucket_table(rows).splitlines()[2:] == [
+        "| full | — | — | 50.0 | 40.0 | 0.0 |",  # 0-4k: trec's mean 75 and qasper's 25, averaged
+        "| knorm | 0.5 | — | 10.0 | — | — |"]
+    assert evaluation.bucket_table([{**r, "metadata": {}} for r in rows]) is None

@@ -241,12 +241,14 @@ def eval_command(args) -> int:
 
 
 def report(rows: list[dict], plot_path: Path) -> int:
-    from .evaluation import markdown_table, plots
+    from .evaluation import bucket_table, markdown_table, plots
 
     if not rows:
         print("no results")
         return 1
     print(markdown_table(rows))
+    if buckets := bucket_table(rows):
+        print("\naverage over tasks by length bucket:\n" + buckets)
     print(f"wrote {plots.plot_scores(rows, plot_path)}")
     if any(row["benchmark"] == "needle" for row in rows):
         print(f"wrote {plots.needle_heatmaps(rows, plot_path.with_name(plot_path.stem + '_heatmap.png'))}")

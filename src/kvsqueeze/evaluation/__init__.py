@@ -3,7 +3,7 @@
 import inspect
 
 from .base import REGISTRY, Benchmark, Question, Sample
-from .runner import Configuration, configurations, markdown_table, read_results, summary, sweep
+from .runner import Configuration, bucket_table, configurations, markdown_table, read_results, summary, sweep
 
 
 def available() -> dict[str, type[Benchmark]]:

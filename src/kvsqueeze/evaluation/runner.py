@@ -218,9 +218,32 @@ def markdown_table(rows: list[dict]) -> str:
     tasks = sorted({task for scores in table.values() for task in scores} - {"average", "bytes", "n"})
     lines = ["| method | ratio | quant | " + " | ".join(tasks) + " | average | bytes held |",
              "|---|---|---|" + "---|" * (len(tasks) + 2)]
-    for (method, ratio, quant), scores in sorted(table.items(), key=lambda item: (item[0][0], item[0][1] or 0,
-                                                                                   item[0][2] or "")):
+    for key in _in_order(table):
+        scores = table[key]
         cells = [f"{scores[t]:.1f}" if t in scores else "—" for t in tasks]
-        lines.append(f"| {method} | {'—' if ratio is None else ratio} | {quant or '—'} | " + " | ".join(cells)
+        lines.append(_configuration_cells(key) + " | ".join(cells)
                      + f" | {scores['average']:.1f} | {scores['bytes']:.0%} |")
     return "\n".join(lines)
+
+
+def bucket_table(rows: list[dict], key: str = "length_bucket") -> str | None:
+    """Per configuration, the average over tasks within each value of the samples' metadata `key` (LongBench-E's
+    length buckets, as its official `eval.py --e` reports them); None when no row has one."""
+    buckets = sorted({row["metadata"][key] for row in rows if key in row.get("metadata", {})})
+    if not buckets:
+        return None
+    tables = {b: summary([row for row in rows if row.get("metadata", {}).get(key) == b]) for b in buckets}
+    lines = ["| method | ratio | quant | " + " | ".join(buckets) + " |", "|---|---|---|" + "---|" * len(buckets)]
+    for configuration in _in_order({c for table in tables.values() for c in table}):
+        cells = [f"{tables[b][configuration]['average']:.1f}" if configuration in tables[b] else "—" for b in buckets]
+        lines.append(_configuration_cells(configuration) + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _in_order(configurations) -> list[tuple]:
+    return sorted(configurations, key=lambda c: (c[0], c[1] or 0, c[2] or ""))
+
+
+def _configuration_cells(configuration: tuple) -> str:
+    method, ratio, quant = configuration
+    return f"| {method} | {'—' if ratio is None else ratio} | {quant or '—'} | "
