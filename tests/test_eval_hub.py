@@ -114,7 +114,7 @@ def test_longbench_loads_and_groups_questions_on_one_story():
     assert first.questions[0].text.endswith("Question: How many winters did Mara keep the lighthouse?\n\nAnswer:")
     assert first.questions[1].answers == ["a crate of oranges", "oranges"]
     assert {q.max_new_tokens for q in first.questions} == {128}
-    assert first.metadata == {"length": 58, "language": "en"}
+    assert first.metadata == {"length": 58, "language": "en"} and first.chat_template
     assert len(bench.samples(None, n=1, seed=3)) == 1
     assert bench.score("Eleven winters.", first.questions[0], "narrativeqa") == 100.0
     assert bench.score("a crate", first.questions[1], "narrativeqa") == 50.0  # best of the two references
@@ -125,6 +125,7 @@ def test_longbench_classification_keeps_the_classes_and_the_first_line():
     bench = LongBench(data_files={"trec": DATA / "longbench_trec.jsonl"})
     assert bench.tasks == ("trec",)
     (sample,) = bench.samples(None)  # both questions share the few-shot examples
+    assert not sample.chat_template  # pred.py prompts few-shot and code tasks bare
     question = sample.questions[0]
     assert question.metadata["all_classes"][4] == "Location" and question.max_new_tokens == 64
     assert question.text == "\nQuestion: Where was the treaty signed?\nType:"

@@ -112,3 +112,27 @@ def test_longbench_e_rows_are_averaged_over_tasks_within_each_length_bucket():
         "| full | — | — | 50.0 | 40.0 | 0.0 |",  # 0-4k: trec's mean 75 and qasper's 25, averaged
         "| knorm | 0.5 | — | 10.0 | — | — |"]
     assert evaluation.bucket_table([{**r, "metadata": {}} for r in rows]) is None
+
+
+def test_a_sample_without_chat_template_is_prompted_bare(bundled, tmp_path):
+    model, tokenizer = bundled
+
+    class Few(evaluation.Benchmark):
+        name = ""  # not registered
+
+        def __init__(self, chat_template):
+            self.chat_template = chat_template
+
+        def samples(self, tokenizer, n=None, seed=0):
+            question = evaluation.Question("\nQ: the colour of the sky?\nA:", ["blue"], max_new_tokens=4)
+            return [evaluation.Sample("s", "few", "Q: the colour of grass?\nA: green", [question],
+                                      chat_template=self.chat_template)]
+
+        def score(self, prediction, question, task):
+            return 0.0
+
+    grid = evaluation.configurations(["full"], [], [None])
+    bare, chat = (evaluation.sweep(model, tokenizer, Few(t), grid, tmp_path / f"{t}.jsonl", progress=False)[0]
+                  for t in (False, True))
+    assert bare["context_tokens"] == len(tokenizer("Q: the colour of grass?\nA: green").input_ids)
+    assert chat["context_tokens"] > bare["context_tokens"] + 10  # the template's system and user headers

@@ -33,6 +33,7 @@ class Sample:
     context: str
     questions: list[Question]
     metadata: dict = field(default_factory=dict)
+    chat_template: bool = True  # False: the bare prompt, as official code feeds few-shot and code completion tasks
 
 
 class Benchmark:

@@ -104,7 +104,7 @@ def run_metadata(arguments: dict) -> dict:
 
 
 def compressed(model, tokenizer, text: str, configurations: list[Configuration], check_window: bool = True,
-               share_prefill: bool = True, chunk_size: int | None = None) -> list:
+               share_prefill: bool = True, chunk_size: int | None = None, chat_template: bool = True) -> list:
     """`text` compressed under each configuration. With `share_prefill`, one prefill serves every method that
     does not change the prefill itself (see `kvsqueeze.branches`): the same caches, one prefill instead of many.
     A chunked prefill (`chunk_size`) compresses as it goes, so each configuration gets its own."""
@@ -118,11 +118,11 @@ def compressed(model, tokenizer, text: str, configurations: list[Configuration],
     if len(shared) > 1:
         contexts = dict(zip(shared, compress_each(model, tokenizer, text, [methods[i] for i in shared],
                                                   quantizers=[configurations[i].quant for i in shared],
-                                                  check_window=check_window)))
+                                                  check_window=check_window, chat_template=chat_template)))
     for i, (method, configuration) in enumerate(zip(methods, configurations)):
         if i not in contexts:
             contexts[i] = compress(model, tokenizer, text, method, quantizer=configuration.quant,
-                                   check_window=check_window, chunk_size=chunk_size)
+                                   check_window=check_window, chunk_size=chunk_size, chat_template=chat_template)
     return [contexts[i] for i in range(len(configurations))]
 
 
@@ -135,7 +135,8 @@ def answer(model, tokenizer, sample: Sample, configurations: list[Configuration]
     question is appended to the context before compression, so the method sees it.
     """
     if not query_aware:
-        contexts = compressed(model, tokenizer, sample.context, configurations, check_window, share_prefill)
+        contexts = compressed(model, tokenizer, sample.context, configurations, check_window, share_prefill,
+                              chat_template=sample.chat_template)
         for configuration, ctx in zip(configurations, contexts):
             for i, q in enumerate(sample.questions):
                 prediction = ctx.ask(q.text, answer_prefix=q.answer_prefix, max_new_tokens=q.max_new_tokens)
@@ -143,7 +144,7 @@ def answer(model, tokenizer, sample: Sample, configurations: list[Configuration]
         return
     for i, q in enumerate(sample.questions):
         contexts = compressed(model, tokenizer, sample.context + "\n\n" + q.text, configurations, check_window,
-                              share_prefill)
+                              share_prefill, chat_template=sample.chat_template)
         for configuration, ctx in zip(configurations, contexts):
             prediction = ctx.ask("", answer_prefix=q.answer_prefix, max_new_tokens=q.max_new_tokens)
             yield configuration, i, prediction, ctx.stats

@@ -83,6 +83,7 @@ TASKS = ("narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh", "hotpotq
          "passage_retrieval_en", "passage_retrieval_zh", "lcc", "repobench-p")
 
 FIRST_LINE_ONLY = ("trec", "triviaqa", "samsum", "lsht")  # eval.py keeps the first line of these answers
+BARE_PROMPT = FIRST_LINE_ONLY + ("lcc", "repobench-p")  # pred.py gives these few-shot and code tasks no chat template
 
 
 def classification_score(prediction: str, reference: str, all_classes: list[str]) -> float:
@@ -148,7 +149,9 @@ class LongBench(hub.HubBenchmark):
                                     max_new_tokens=MAX_NEW_TOKENS[task],
                                     metadata={"all_classes": row["all_classes"]} if row.get("all_classes") else {})
                 parts.append(hub.Part(row["_id"], prefix, row["context"], "", [question], self.metadata(row)))
-            out += hub.samples(task, parts, n, seed, tokenizer, self.max_length)
+            for sample in hub.samples(task, parts, n, seed, tokenizer, self.max_length):
+                sample.chat_template = task not in BARE_PROMPT
+                out.append(sample)
         return out
 
     def score(self, prediction, question, task):
