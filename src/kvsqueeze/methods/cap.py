@@ -3,7 +3,7 @@ import torch.nn.functional as F
 
 from ..hooks import LayerContext
 from .base import ScorerMethod
-from .expected_attention import mean_rotation
+from .expected_attention import context_queries, future_rotation, sinks
 
 
 def capacity_scores(anchor: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, counted: torch.Tensor,
@@ -45,20 +45,10 @@ class Cap(ScorerMethod):
         self.tau, self.n_future_positions, self.n_sink, self.epsilon = tau, n_future_positions, n_sink, epsilon
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        rank = ctx.rank
-        n_sink = (ctx.held.amin(-1) - 1).clamp(min=0, max=self.n_sink)[:, None, None]  # per batch row
-        sink = (rank >= 0) & (rank < n_sink)
-        counted = rank >= n_sink  # real tokens past the sinks
-        # anchor: mean of the real queries of this forward past the sinks
-        queries = ctx.pre_rope_queries.float()
-        asking = (rank[:, 0, -ctx.n_new:] >= n_sink[:, 0]).float()
-        if ctx.new_real is not None:
-            asking = asking * ctx.new_real.float()
-        mean = (queries * asking[:, None, :, None]).sum(2) / asking.sum(-1).clamp(min=1)[:, None, None]
-        rotation = torch.stack([
-            mean_rotation(*(t[0].float() for t in ctx.rotary_at(torch.arange(seen, seen + self.n_future_positions))),
-                          ctx.head_dim) for seen in ctx.seen.tolist()])
-        anchor = torch.einsum("bhd,bed->bhe", mean, rotation)
+        n_sink, sink = sinks(ctx, self.n_sink)
+        counted = ctx.rank >= n_sink  # real tokens past the sinks
+        _, _, mean = context_queries(ctx, n_sink)
+        anchor = torch.einsum("bhd,bed->bhe", mean, future_rotation(ctx, self.n_future_positions))
 
         group = ctx.group_size
         scores = capacity_scores(anchor, ctx.keys.float().repeat_interleave(group, 1),

@@ -1,5 +1,4 @@
 import torch
-import torch.nn.functional as F
 
 from ..hooks import LayerContext
 from .base import ScorerMethod
@@ -16,6 +15,31 @@ def mean_rotation(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.
     full = torch.eye(head_dim, dtype=cos.dtype, device=cos.device)
     full[:rotary, :rotary] = rotation  # dimensions beyond the rotary ones are not rotated
     return full
+
+
+def sinks(ctx: LayerContext, n_sink: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sinks per batch row [batch, 1, 1], at most `n_sink` and leaving each head a token to choose; the sink mask
+    [batch, kv_heads, stored]): the first real tokens, always kept and left out of the query statistics."""
+    n = (ctx.held.amin(-1) - 1).clamp(min=0, max=n_sink)[:, None, None]
+    rank = ctx.rank
+    return n, (rank >= 0) & (rank < n)
+
+
+def context_queries(ctx: LayerContext, n_sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(this forward's pre-RoPE queries [batch, heads, new, d], their weights [batch, 1, new, 1]: 1 for the real
+    ones past the sinks, their mean [batch, heads, d])."""
+    counted = (ctx.rank[:, 0, -ctx.n_new:] >= n_sink[:, 0]).float()  # [batch, new]
+    if ctx.new_real is not None:
+        counted = counted * ctx.new_real.float()
+    queries, weights = ctx.pre_rope_queries.float(), counted[:, None, :, None]
+    return queries, weights, (queries * weights).sum(2) / counted.sum(-1).clamp(min=1)[:, None, None]
+
+
+def future_rotation(ctx: LayerContext, n_future_positions: int) -> torch.Tensor:
+    """[batch, d, d]: the mean RoPE rotation of the next `n_future_positions` positions of each row (after its length)."""
+    return torch.stack([
+        mean_rotation(*(t[0].float() for t in ctx.rotary_at(torch.arange(seen, seen + n_future_positions))),
+                      ctx.head_dim) for seen in ctx.seen.tolist()])
 
 
 class ExpectedAttention(ScorerMethod):
@@ -52,7 +76,7 @@ class ExpectedAttention(ScorerMethod):
             loaded = load_calibration(self.stats, "expected_attention", model)
             self.loaded = {name: t.to(model.device) for name, t in loaded.items()}
 
-    def query_statistics(self, ctx: LayerContext, rank: torch.Tensor, n_sink: torch.Tensor):
+    def query_statistics(self, ctx: LayerContext, n_sink: torch.Tensor):
         """Mean [batch, heads, d] and covariance [batch, heads, d, d] (None without use_covariance) of the
         pre-RoPE queries: the saved statistics, or those of this forward's real queries, the sinks left out."""
         batch = ctx.keys.shape[0]
@@ -62,25 +86,16 @@ class ExpectedAttention(ScorerMethod):
             if not self.use_covariance:
                 return mean, None
             return mean, self.loaded["covariance"][ctx.layer_idx].to(device).expand(batch, -1, -1, -1)
-        queries = ctx.pre_rope_queries.float()
-        counted = (rank[:, 0, -ctx.n_new:] >= n_sink[:, 0]).float()  # [batch, new]
-        if ctx.new_real is not None:
-            counted = counted * ctx.new_real.float()
-        counted, count = counted[:, None, :, None], counted.sum(-1).clamp(min=1)[:, None, None]
-        mean = (queries * counted).sum(2) / count
+        queries, weights, mean = context_queries(ctx, n_sink)
         if not self.use_covariance:
             return mean, None
-        centred = (queries - mean[:, :, None]) * counted
-        return mean, centred.transpose(-1, -2) @ centred / count[..., None]
+        centred = (queries - mean[:, :, None]) * weights
+        return mean, centred.transpose(-1, -2) @ centred / weights.sum(2, keepdim=True).clamp(min=1)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        rank = ctx.rank
-        n_sink = (ctx.held.amin(-1) - 1).clamp(min=0, max=self.n_sink)[:, None, None]  # per batch row
-        sink = (rank >= 0) & (rank < n_sink)
-        mean, covariance = self.query_statistics(ctx, rank, n_sink)
-        rotation = torch.stack([  # [batch, d, d]: the future positions of each row follow its own length
-            mean_rotation(*(t[0].float() for t in ctx.rotary_at(torch.arange(seen, seen + self.n_future_positions))),
-                          ctx.head_dim) for seen in ctx.seen.tolist()])
+        n_sink, sink = sinks(ctx, self.n_sink)
+        mean, covariance = self.query_statistics(ctx, n_sink)
+        rotation = future_rotation(ctx, self.n_future_positions)
 
         keys = ctx.keys.float().repeat_interleave(ctx.group_size, dim=1)
         rotated_mean = torch.einsum("bhd,bed->bhe", mean, rotation)
