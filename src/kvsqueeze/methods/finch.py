@@ -3,6 +3,7 @@ import torch
 from ..hooks import LayerContext
 from .base import ScorerMethod
 from .key_rerotation import RerotatingContext
+from .snapkv import window_attention
 
 
 class Finch(ScorerMethod):
@@ -55,18 +56,12 @@ class Finch(ScorerMethod):
         widest = int(windows.max())
         if widest < 1:
             return torch.ones(ctx.keys.shape[:-1], device=ctx.keys.device)
-        device, n = ctx.keys.device, ctx.n_stored
-        windows = windows.to(device)
-        attention = ctx.last_queries_attention(widest)  # [batch, heads, widest, stored]
-        if self.normalize:  # a query sees the real stored tokens up to itself
-            real = torch.ones(ctx.keys.shape[:-1], device=device) if ctx.real is None else ctx.real.float()
-            seen = real.cumsum(-1)[..., n - widest:].repeat_interleave(ctx.group_size, dim=1)
-            attention = attention * seen[..., None]
-        observing = torch.arange(widest, device=device)[None, :] >= widest - windows[:, None]  # each row's last queries
-        attention = attention * observing[:, None, :, None]
-        scores = ctx.per_kv_head(attention.sum(2) / windows.clamp(min=1)[:, None, None])
-        in_window = torch.arange(n, device=device)[None, :] >= n - windows[:, None]
-        return scores.masked_fill(in_window[:, None, :], float("inf"))
+        seen = None
+        if self.normalize:  # a query's weights times the real stored tokens it sees (up to itself)
+            real = torch.ones(ctx.keys.shape[:-1], device=ctx.keys.device) if ctx.real is None else ctx.real.float()
+            seen = real.cumsum(-1)[..., ctx.n_stored - widest:].repeat_interleave(ctx.group_size, dim=1)
+        attention, in_window = window_attention(ctx, windows, seen)
+        return ctx.per_kv_head(attention).masked_fill(in_window[:, None, :], float("inf"))
 
     def compress(self, ctx: LayerContext) -> None:
         super().compress(RerotatingContext.of(ctx) if self.rerotate_keys else ctx)

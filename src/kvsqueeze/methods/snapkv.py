@@ -22,6 +22,20 @@ def pooled(scores: torch.Tensor, kernel_size: int, pooling: str, among: torch.Te
     return out.view(batch, heads, -1)[..., :n]
 
 
+def window_attention(ctx: LayerContext, windows: torch.Tensor, query_weights: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean attention of each row's last `windows[b]` queries on every stored token, [batch, heads, stored] (each
+    query's weights times `query_weights` [batch, heads, widest window], if given), and which stored tokens are
+    each row's window, [batch, stored]. `windows` [batch] holds at least one positive width."""
+    widest, windows = int(windows.max()), windows.to(ctx.keys.device)
+    observing = torch.arange(widest, device=ctx.keys.device)[None, :] >= widest - windows[:, None]  # [batch, widest]
+    attention = ctx.last_queries_attention(widest) * observing[:, None, :, None]
+    if query_weights is not None:
+        attention = attention * query_weights[..., None]
+    in_window = torch.arange(ctx.n_stored, device=ctx.keys.device)[None, :] >= ctx.n_stored - windows[:, None]
+    return attention.sum(dim=2) / windows.clamp(min=1)[:, None, None], in_window
+
+
 def snapkv_scores(ctx: LayerContext, window_size: int, kernel_size: int, pooling: str) -> torch.Tensor:
     """Attention of the observation window (the last queries) on each earlier token, pooled; window kept.
 
@@ -37,15 +51,9 @@ def snapkv_scores(ctx: LayerContext, window_size: int, kernel_size: int, pooling
         return F.pad(scores, (0, window), value=float("inf"))
     new = ctx.n_new if ctx.new_real is None else ctx.new_real.sum(-1).cpu()
     windows = torch.as_tensor(new - 1).clamp(max=window_size).minimum(ctx.held.amax(-1).cpu() - 1).clamp(min=0)
-    widest = int(windows.max())
-    if widest < 1:
+    if int(windows.max()) < 1:
         return torch.ones(ctx.keys.shape[:-1], device=ctx.keys.device)
-    windows = windows.to(ctx.keys.device)
-    steps = torch.arange(widest, device=ctx.keys.device)
-    observing = steps[None, :] >= widest - windows[:, None]  # [batch, widest]: each row's own last queries
-    attention = ctx.last_queries_attention(widest) * observing[:, None, :, None]
-    mean = attention.sum(dim=2) / windows.clamp(min=1)[:, None, None]
-    in_window = torch.arange(ctx.n_stored, device=ctx.keys.device)[None, :] >= ctx.n_stored - windows[:, None]
+    mean, in_window = window_attention(ctx, windows)
     earlier = ctx.real & ~in_window[:, None, :]
     group = ctx.group_size
     scores = ctx.per_kv_head(pooled(mean, kernel_size, pooling, earlier.repeat_interleave(group, dim=1)))
