@@ -201,6 +201,20 @@ def test_longbench_v2_multiple_choice():
     assert [s.id for s in only.samples(None)] == ["66ebd4a35a08c7b9b35e0a11"]
 
 
+def test_longbench_v2_chain_of_thought_asks_the_answer_after_the_reasoning():
+    sample = LongBenchV2(data_files=DATA / "longbench_v2.jsonl", cot=True).samples(None)[0]
+    assert sample.context.startswith("Please read the following text and answer the questions below.\n\n<text>\n")
+    reasoning = sample.questions[0]
+    assert reasoning.text.endswith("\n(D) " + reasoning.metadata["choices"]["D"] + "\n\nLet\u2019s think step by step:")
+    assert reasoning.max_new_tokens == 1024 and reasoning.text.startswith("\n\nWhat is the correct answer")
+    answer = reasoning.then("  Mara sails to deliver supplies. \n")
+    assert answer.text.startswith("Please read the following text and answer the questions below.\n\nThe text is "
+                                  "too long and omitted here.\n\nWhat is the correct answer to this question: ")
+    assert "\n\nLet\u2019s think step by step: Mara sails to deliver supplies.\n\nBased on the above, what is the " \
+           "single, most likely answer choice? Format your response as follows: " in answer.text
+    assert answer.max_new_tokens == 128 and answer.then is None and answer.answers == ["B"]
+
+
 # ---------------------------------------------------------------- InfiniteBench
 
 def test_infinitebench_passkey_and_retrieval():

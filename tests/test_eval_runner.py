@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import kvsqueeze
 from kvsqueeze import cli, evaluation
 from kvsqueeze.evaluation import runner
 
@@ -99,6 +100,8 @@ def test_the_eval_command_reads_a_yaml_sweep_and_writes_table_and_plots(tmp_path
     assert cli.main(["eval", "-b", "nonesuch"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
     assert cli.main(["eval", "-b", "needle", "-m", "nonesuch"]) == 2
+    assert cli.main(["eval", "-b", "longbench", "-p", "cot=true"]) == 2  # longbench_v2's setting, not longbench's
+    assert "longbench has no setting cot" in capsys.readouterr().err
 
 
 def test_longbench_e_rows_are_averaged_over_tasks_within_each_length_bucket():
@@ -136,3 +139,31 @@ def test_a_sample_without_chat_template_is_prompted_bare(bundled, tmp_path):
                   for t in (False, True))
     assert bare["context_tokens"] == len(tokenizer("Q: the colour of grass?\nA: green").input_ids)
     assert chat["context_tokens"] > bare["context_tokens"] + 10  # the template's system and user headers
+
+
+def test_a_question_with_a_next_step_asks_it_alone_and_scores_its_answer(bundled, tmp_path):
+    model, tokenizer = bundled
+
+    answered = []
+
+    def answer_step(reasoning):
+        answered.append(kvsqueeze.compress(model, tokenizer, "").ask(f"Say yes or no: {reasoning.strip()}",
+                                                                     max_new_tokens=5))  # the step alone
+        return evaluation.Question(f"Say yes or no: {reasoning.strip()}", ["unused"], max_new_tokens=5)
+
+    class Stepped(evaluation.Benchmark):
+        name = ""  # not registered
+
+        def samples(self, tokenizer, n=None, seed=0):
+            question = evaluation.Question("What colour is grass?", ["green"], max_new_tokens=6, then=answer_step)
+            return [evaluation.Sample("s", "stepped", "Grass is green and the sky is blue.", [question])]
+
+        def score(self, prediction, question, task):
+            return 100.0 * (prediction == answered[-1])  # the last answer, against the first question's references
+
+    grid = evaluation.configurations(["full", "knorm"], [0.5], [None])
+    rows = evaluation.sweep(model, tokenizer, Stepped(), grid, tmp_path / "s.jsonl", progress=False)
+    assert len(rows) == len(answered) == 2
+    for row, alone in zip(rows, answered):
+        assert len(row["steps"]) == 1 and row["prediction"] == alone and row["score"] == 100.0
+        assert row["answers"] == ["green"]

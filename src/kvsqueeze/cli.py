@@ -224,7 +224,7 @@ def eval_command(args) -> int:
     lengths = [int(n) for n in str(args.length).split(",")] if args.length else None
     bench = evaluation.benchmark(args.benchmark, length=lengths[0] if lengths else None, lengths=lengths,
                                  tasks=args.tasks.split(",") if args.tasks else None, data_files=args.data_files,
-                                 **method_registry.parse_params(args.param))
+                                 params=method_registry.parse_params(args.param))
     grid = evaluation.configurations(args.methods.split(","), [float(r) for r in str(args.ratios).split(",")],
                                      [None if q == "none" else q for q in args.quant.split(",")])
     for configuration in grid:  # fail now on a bad method or quantizer, not hours into the sweep

@@ -13,10 +13,14 @@ def available() -> dict[str, type[Benchmark]]:
     return dict(sorted(REGISTRY.items()))
 
 
-def benchmark(name: str, **settings) -> Benchmark:
-    """A benchmark by name; `settings` it does not take are left out (e.g. `length` for hub datasets)."""
+def benchmark(name: str, params: dict | None = None, **settings) -> Benchmark:
+    """A benchmark by name; `settings` it does not take are left out (e.g. `length` for hub datasets), `params`
+    (what a user named: `-p key=value`) must all be its own."""
     registry = available()
     if name not in registry:
         raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(registry)}")
     accepted = inspect.signature(registry[name]).parameters
-    return registry[name](**{k: v for k, v in settings.items() if k in accepted and v is not None})
+    unknown = sorted(set(params or {}) - set(accepted))
+    if unknown:
+        raise ValueError(f"{name} has no setting {', '.join(unknown)}; its settings: {', '.join(accepted)}")
+    return registry[name](**{k: v for k, v in settings.items() if k in accepted and v is not None}, **(params or {}))

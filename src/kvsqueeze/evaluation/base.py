@@ -8,7 +8,7 @@ says what the samples are and how an answer is scored; running, sweeping and sav
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 REGISTRY: dict[str, type["Benchmark"]] = {}
 
@@ -22,6 +22,10 @@ class Question:
     answer_prefix: str = ""  # the start of the assistant's answer, given to the model
     max_new_tokens: int = 64
     metadata: dict = field(default_factory=dict)  # e.g. the choices of a multiple-choice question
+    # the next step, from this one's answer: a question asked alone (without the context), whose answer is the one
+    # scored, against this question's references (LongBench v2's chain of thought: reasoning on the context, then
+    # the answer)
+    then: Callable[[str], "Question"] | None = field(default=None, repr=False)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .base import Benchmark, Sample
+from .base import Benchmark, Question, Sample
 
 
 @dataclass(frozen=True)
@@ -128,26 +128,38 @@ def compressed(model, tokenizer, text: str, configurations: list[Configuration],
 
 def answer(model, tokenizer, sample: Sample, configurations: list[Configuration], query_aware: bool,
            check_window: bool, share_prefill: bool = True):
-    """Yields (configuration, question index, prediction, compression stats) for every question of `sample`
-    under every configuration, as each answer comes.
+    """Yields (configuration, question index, prediction, the earlier steps' answers, compression stats) for
+    every question of `sample` under every configuration, as each answer comes.
 
     Query-agnostic: the context is compressed once and every question asked on it. Query-aware: each
-    question is appended to the context before compression, so the method sees it.
+    question is appended to the context before compression, so the method sees it. A question's next steps
+    (`Question.then`) are asked alone, each from the previous answer; the last answer is the prediction.
     """
+    from ..pipeline import compress
+
+    def with_steps(question: Question, first: str) -> tuple[str, list[str]]:
+        steps = [first]
+        while question.then is not None:
+            question = question.then(steps[-1])
+            alone = compress(model, tokenizer, "", chat_template=sample.chat_template)  # the prompt's header only
+            steps.append(alone.ask(question.text, answer_prefix=question.answer_prefix,
+                                   max_new_tokens=question.max_new_tokens))
+        return steps[-1], steps[:-1]
+
     if not query_aware:
         contexts = compressed(model, tokenizer, sample.context, configurations, check_window, share_prefill,
                               chat_template=sample.chat_template)
         for configuration, ctx in zip(configurations, contexts):
             for i, q in enumerate(sample.questions):
                 prediction = ctx.ask(q.text, answer_prefix=q.answer_prefix, max_new_tokens=q.max_new_tokens)
-                yield configuration, i, prediction, ctx.stats
+                yield configuration, i, *with_steps(q, prediction), ctx.stats
         return
     for i, q in enumerate(sample.questions):
         contexts = compressed(model, tokenizer, sample.context + "\n\n" + q.text, configurations, check_window,
                               share_prefill, chat_template=sample.chat_template)
         for configuration, ctx in zip(configurations, contexts):
             prediction = ctx.ask("", answer_prefix=q.answer_prefix, max_new_tokens=q.max_new_tokens)
-            yield configuration, i, prediction, ctx.stats
+            yield configuration, i, *with_steps(q, prediction), ctx.stats
 
 
 def sweep(model, tokenizer, benchmark: Benchmark, grid: list[Configuration], out: str | Path, *,
@@ -178,8 +190,8 @@ def sweep(model, tokenizer, benchmark: Benchmark, grid: list[Configuration], out
     work = [(sample, todo) for sample, todo in work if todo]
     with out.open("a") as file:
         for sample, todo in tqdm(work, desc=f"{benchmark.name}", disable=not progress):
-            for configuration, i, prediction, stats in answer(model, tokenizer, sample, todo, query_aware,
-                                                              check_window, share_prefill):
+            for configuration, i, prediction, steps, stats in answer(model, tokenizer, sample, todo, query_aware,
+                                                                     check_window, share_prefill):
                 question = sample.questions[i]
                 row = {"benchmark": benchmark.name, "task": sample.task, "sample": sample.id, "question": i,
                        "method": configuration.method, "ratio": configuration.ratio, "quant": configuration.quant,
@@ -188,7 +200,7 @@ def sweep(model, tokenizer, benchmark: Benchmark, grid: list[Configuration], out
                        "context_tokens": stats.context_tokens, "compression_ratio": stats.compression_ratio,
                        "bytes_held": stats.bytes_held, "bytes_uncompressed": stats.bytes_uncompressed,
                        "seconds": stats.seconds, "metadata": sample.metadata, "settings": benchmark.describe(),
-                       "run": metadata}
+                       "run": metadata} | ({"steps": steps} if steps else {})
                 if row_key(row) in done:
                     continue
                 file.write(json.dumps(row) + "\n")
