@@ -59,7 +59,7 @@ class Branches(Method):
             branch = copy.copy(ctx.layer)  # shares the tensors; a compression replaces them, never edits them
             branch.codec = cache.layers[ctx.layer_idx].codec
             cache.layers[ctx.layer_idx] = branch
-            own = dataclasses.replace(ctx, cache=cache, _view=None)
+            own = dataclasses.replace(ctx, cache=cache, _view=None, _as_left=None)  # this branch's layer, untouched
             if method is not None and method.acts_on(own):
                 method.compress(own)
             cache.quantize(ctx.layer_idx)
