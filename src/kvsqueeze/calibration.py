@@ -140,7 +140,9 @@ def duo_attention_gates(model, tokenizer, steps: int = 40, tokens: int = 1200, s
     previous = model.config._attn_implementation
     prompt, rng = Prompt.for_tokenizer(tokenizer), random.Random(seed)
     duo_gates.update(sink=sink_size, recent=recent_size)
+    full_layers = torch.tensor([t == "full_attention" for t in types])
     try:
+        model.set_attn_implementation(DUO_IMPLEMENTATION)
         with frozen(model):
             for step in tqdm(range(steps), desc="DuoAttention gates", disable=not progress):
                 sample = needle_sample(tokenizer, tokens, rng.uniform(0.05, 0.95), seed=seed + step)
@@ -148,14 +150,12 @@ def duo_attention_gates(model, tokenizer, steps: int = 40, tokens: int = 1200, s
                 ids = torch.cat([prompt.context_ids(sample.context), prompt.question_ids(sample.question), answer], 1)
                 ids = ids.to(model.device)
                 targets = torch.arange(ids.shape[1] - answer.shape[1] - 1, ids.shape[1] - 1)
-                model.set_attn_implementation(DUO_IMPLEMENTATION)
                 with torch.no_grad():
                     duo_gates["gates"] = None
                     reference = model.base_model(input_ids=ids).last_hidden_state[:, targets]
                 duo_gates["gates"] = gates
                 with torch.enable_grad():
                     mixed = model.base_model(input_ids=ids).last_hidden_state[:, targets]
-                    full_layers = torch.tensor([t == "full_attention" for t in types])
                     loss = (mixed - reference).pow(2).mean() + regularization * gates[full_layers].mean()
                     optimiser.zero_grad()
                     loss.backward()

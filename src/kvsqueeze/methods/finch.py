@@ -3,7 +3,7 @@ import torch
 from ..hooks import LayerContext
 from .base import ScorerMethod
 from .key_rerotation import RerotatingContext
-from .snapkv import window_attention
+from .snapkv import row_windows, window_attention
 
 
 class Finch(ScorerMethod):
@@ -46,10 +46,8 @@ class Finch(ScorerMethod):
 
     def windows(self, ctx: LayerContext) -> torch.Tensor:
         """[batch]: each row's window, at most its new real tokens but one and its held tokens but one."""
-        new = torch.full((ctx.keys.shape[0],), ctx.n_new) if ctx.new_real is None else ctx.new_real.sum(-1).cpu()
-        windows = self._windows if self._windows is not None and len(self._windows) == len(new) else \
-            torch.full_like(new, self.window_size)
-        return windows.minimum(new - 1).minimum(ctx.held.amax(-1).cpu() - 1).clamp(min=0)
+        found = self._windows is not None and len(self._windows) == ctx.keys.shape[0]
+        return row_windows(ctx, self._windows if found else self.window_size)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         windows = self.windows(ctx)

@@ -22,15 +22,19 @@ class _Observer(Method):
         self.callback(ctx)
 
 
+def appended(attention_mask: torch.Tensor, n: int, start: "int | torch.Tensor") -> dict:
+    """The forward arguments for `n` tokens after a cache whose left padding `attention_mask` marks: the mask
+    extended over them, their positions from `start` (one for all rows, or [batch, 1]) on."""
+    ones = attention_mask.new_ones(attention_mask.shape[0], n)
+    return {"attention_mask": torch.cat([attention_mask, ones], 1),
+            "position_ids": start + torch.arange(n, device=attention_mask.device)[None]}
+
+
 def observe(model, cache, ids: torch.Tensor, callback, attention_mask=None, start: int = 0) -> None:
     """Run `ids` [1, q] after what `cache` holds, on a fork of it (the cache is left as it was), calling
     `callback(ctx)` after each compressible attention layer. `start`: the position of the first new token;
     `attention_mask` marks the cache's left padding (then extended over the new tokens)."""
-    extra = {}
-    if attention_mask is not None:
-        ones = torch.ones(1, ids.shape[1], dtype=attention_mask.dtype, device=attention_mask.device)
-        extra = {"attention_mask": torch.cat([attention_mask, ones], 1),
-                 "position_ids": torch.arange(start, start + ids.shape[1], device=model.device)[None]}
+    extra = {} if attention_mask is None else appended(attention_mask.to(model.device), ids.shape[1], start)
     with hooked(model, _Observer(callback)):
         model.base_model(input_ids=ids.to(model.device), past_key_values=cache.fork(), use_cache=True, **extra)
 

@@ -55,13 +55,11 @@ class Merging(ScorerWrapper):
         over = self.rows_over_budget(ctx)
         if not bool(over.any()):
             return
-        real = ctx.real if ctx.real is not None else torch.ones(ctx.keys.shape[:-1], dtype=torch.bool,
-                                                                   device=ctx.keys.device)
         keep = ctx.in_rows(self.keep_mask(ctx), over)
         layer = ctx.layer
         if isinstance(layer, RaggedLayer):
             raise NotImplementedError("Merging compresses dense layers (one budget per head), not ragged ones")
-        layer.keys, layer.values = self.merged(ctx, keep, real & ~keep)
+        layer.keys, layer.values = self.merged(ctx, keep, ~keep if ctx.real is None else ctx.real & ~keep)
         ctx.keep(keep)
 
     def merged(self, ctx: LayerContext, keep: torch.Tensor, evicted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

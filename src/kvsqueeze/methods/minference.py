@@ -1,4 +1,3 @@
-
 import torch
 
 from ..hooks import LayerContext

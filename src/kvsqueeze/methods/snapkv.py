@@ -22,6 +22,13 @@ def pooled(scores: torch.Tensor, kernel_size: int, pooling: str, among: torch.Te
     return out.view(batch, heads, -1)[..., :n]
 
 
+def row_windows(ctx: LayerContext, wanted: "int | torch.Tensor") -> torch.Tensor:
+    """[batch]: each row's observation window, `wanted` (one width or one per row) at most its new real tokens but
+    one and its held tokens but one."""
+    new = torch.full((ctx.keys.shape[0],), ctx.n_new) if ctx.new_real is None else ctx.new_real.sum(-1).cpu()
+    return torch.as_tensor(wanted).minimum(new - 1).minimum(ctx.held.amax(-1).cpu() - 1).clamp(min=0)
+
+
 def window_attention(ctx: LayerContext, windows: torch.Tensor, query_weights: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean attention of each row's last `windows[b]` queries on every stored token, [batch, heads, stored] (each
@@ -49,8 +56,7 @@ def snapkv_scores(ctx: LayerContext, window_size: int, kernel_size: int, pooling
         attention = ctx.last_queries_attention(window)[..., :-window]  # [batch, heads, window, earlier]
         scores = ctx.per_kv_head(pooled(attention.mean(dim=2), kernel_size, pooling))
         return F.pad(scores, (0, window), value=float("inf"))
-    new = ctx.n_new if ctx.new_real is None else ctx.new_real.sum(-1).cpu()
-    windows = torch.as_tensor(new - 1).clamp(max=window_size).minimum(ctx.held.amax(-1).cpu() - 1).clamp(min=0)
+    windows = row_windows(ctx, window_size)
     if int(windows.max()) < 1:
         return torch.ones(ctx.keys.shape[:-1], device=ctx.keys.device)
     mean, in_window = window_attention(ctx, windows)
