@@ -118,15 +118,16 @@ def test_a_saved_context_answers_the_same(tmp_path):
 def test_the_adapter_file_round_trips(tmp_path):
     model, ids = tiny_model(), random_ids(80)
     adapter, path = trained_like(model), tmp_path / "restorekv.safetensors"
-    adapter.save(path, model, {"plus": True})
+    adapter.plus = True  # trained on KVzip+ scores
+    adapter.save(path, model, {"steps": 3})
     loaded, settings = RestoreAdapter.load(path)
-    assert settings["plus"] is True and (loaded.rank, loaded.alpha, loaded.n_tokens) == (16, 32.0, 8)
+    assert settings["plus"] is True and settings["steps"] == 3 and loaded.plus
+    assert (loaded.rank, loaded.alpha, loaded.n_tokens) == (16, 32.0, 8)
     assert adapter.tensors().keys() == loaded.tensors().keys()
     assert all(torch.equal(t, loaded.tensors()[name]) for name, t in adapter.tensors().items())
     from_file, in_memory = (kvsqueeze.RestoreKV(ratio=0.5, adapter=a, level="head") for a in (str(path), adapter))
-    in_memory.plus = True
     ctx, expected = (kvsqueeze.compress(model, None, ids, m) for m in (from_file, in_memory))
-    assert from_file.plus and ctx.method.describe()["adapter"] == str(path)  # KVzip+ as trained
+    assert from_file.plus and in_memory.plus and ctx.method.describe()["adapter"] == str(path)  # KVzip+ as trained
     for a, b in zip(ctx.cache.layers, expected.cache.layers):
         assert torch.equal(a.keys, b.keys)
 

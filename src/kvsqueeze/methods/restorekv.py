@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..models import frozen
-from .kvzip import KVzip, eviction_plan, repeat_inputs, sink_length
+from .kvzip import KVzip, appended, eviction_plan, repeat_inputs, sink_length
 
 COMMAND = "`kvsqueeze calibrate restorekv --out FILE`"
 
@@ -29,12 +29,13 @@ class RestoreAdapter(nn.Module):
     """
 
     def __init__(self, embeddings: torch.Tensor, shapes: dict[str, tuple[int, int]], rank: int = 16,
-                 alpha: float = 32.0):
+                 alpha: float = 32.0, plus: bool = False):
         super().__init__()
         if rank < 1 or len(embeddings) < 1:
             raise ValueError(f"RestoreKV needs a positive LoRA rank and restore tokens; got rank {rank}, "
                              f"{len(embeddings)} tokens")
         self.rank, self.alpha, self.names = rank, alpha, list(shapes)
+        self.plus = plus  # the KVzip+ setting of the scores it was trained with, and is used with
         self.embeddings = nn.Parameter(embeddings.float())
         self.lora_a = nn.ParameterList(nn.Parameter(torch.zeros(rank, n_in)) for n_in, _ in shapes.values())
         self.lora_b = nn.ParameterList(nn.Parameter(torch.zeros(n_out, rank)) for _, n_out in shapes.values())
@@ -44,8 +45,8 @@ class RestoreAdapter(nn.Module):
         return self.embeddings.shape[0]
 
     @classmethod
-    def for_model(cls, model, n_tokens: int = 8, rank: int = 16, alpha: float = 32.0, seed: int = 0
-                  ) -> "RestoreAdapter":
+    def for_model(cls, model, n_tokens: int = 8, rank: int = 16, alpha: float = 32.0, seed: int = 0,
+                  plus: bool = False) -> "RestoreAdapter":
         """Untrained: restore embeddings are those of random vocabulary tokens, A as a linear layer's initial
         weights, B zero (the adapted model starts as the model itself)."""
         generator = torch.Generator().manual_seed(seed)
@@ -54,7 +55,7 @@ class RestoreAdapter(nn.Module):
         with torch.no_grad():
             embeddings = embedding(tokens.to(model.device)).float().cpu()
         shapes = {name: (m.in_features, m.out_features) for name, m in projections(model).items()}
-        adapter = cls(embeddings, shapes, rank, alpha)
+        adapter = cls(embeddings, shapes, rank, alpha, plus)
         for a in adapter.lora_a:
             bound = 1 / math.sqrt(a.shape[1])
             a.data.uniform_(-bound, bound, generator=generator)
@@ -103,7 +104,7 @@ class RestoreAdapter(nn.Module):
         from ..calibration import save_calibration
 
         save_calibration(path, "restorekv", self.tensors(), model,
-                         (settings or {}) | {"rank": self.rank, "alpha": self.alpha})
+                         (settings or {}) | {"rank": self.rank, "alpha": self.alpha, "plus": self.plus})
 
     @classmethod
     def load(cls, path: str | Path) -> tuple["RestoreAdapter", dict]:
@@ -114,7 +115,8 @@ class RestoreAdapter(nn.Module):
         names = [key[:-len(".lora_a")] for key in tensors if key.endswith(".lora_a")]
         try:
             shapes = {name: (tensors[f"{name}.lora_a"].shape[1], tensors[f"{name}.lora_b"].shape[0]) for name in names}
-            adapter = cls(tensors["embeddings"], shapes, int(settings["rank"]), float(settings["alpha"]))
+            adapter = cls(tensors["embeddings"], shapes, int(settings["rank"]), float(settings["alpha"]),
+                          bool(settings.get("plus", False)))
             for name, a, b in zip(names, adapter.lora_a, adapter.lora_b):
                 a.data.copy_(tensors[f"{name}.lora_a"])
                 b.data.copy_(tensors[f"{name}.lora_b"])
@@ -150,9 +152,9 @@ class RestoreKV(KVzip):
 
     def setup(self, model):
         if not isinstance(self.adapter, RestoreAdapter):
-            self.adapter, settings = RestoreAdapter.load(self.adapter)
-            self.plus = bool(settings.get("plus", False))
+            self.adapter = RestoreAdapter.load(self.adapter)[0]
         self.adapter.check(model)
+        self.plus = self.adapter.plus
 
     def decide(self, model, cache, ids, attention_mask, prompt, layers, seen):
         n, smallest = self.adapter.n_tokens, min(self.budget.n_keep(s) for s in seen)
@@ -179,9 +181,7 @@ class RestoreKV(KVzip):
         extra = {}
         if attention_mask is not None:
             attention_mask = attention_mask.to(model.device)
-            start = attention_mask.sum(-1, keepdim=True)
-            extra = {"attention_mask": torch.cat([attention_mask, attention_mask.new_ones(batch, n)], 1),
-                     "position_ids": start + torch.arange(n, device=model.device)}
+            extra = appended(attention_mask, n, attention_mask.sum(-1, keepdim=True))
         with self.adapter.active(model):
             model.base_model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, **extra)
 
@@ -208,7 +208,7 @@ def train_restore(model, tokenizer, texts: list[str] | None = None, out: str | P
 
     if texts is None:
         texts = default_texts(tokenizer, samples, tokens)
-    adapter = RestoreAdapter.for_model(model, n_tokens, rank, alpha, seed)
+    adapter = RestoreAdapter.for_model(model, n_tokens, rank, alpha, seed, plus)
     methods, scorer = [RestoreKV(ratio=r, adapter=adapter) for r in ratios], KVzip(plus=plus)
     contexts = []
     for text in tqdm(texts, desc="KVzip scores", disable=not progress):
@@ -239,6 +239,6 @@ def train_restore(model, tokenizer, texts: list[str] | None = None, out: str | P
             optimiser.step()
             bar.set_postfix(kl=f"{loss.item():.4f}")
     if out is not None:
-        adapter.save(out, model, {"plus": plus, "samples": len(texts), "tokens": tokens, "steps": steps,
+        adapter.save(out, model, {"samples": len(texts), "tokens": tokens, "steps": steps,
                                   "ratios": list(ratios), "span": span, "seed": seed})
     return adapter
