@@ -1,9 +1,12 @@
 """Shared fixtures: tiny random models of several families (milliseconds to build) and the bundled SmolLM2."""
 
+import inspect
+import logging
+
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
-                          Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaModel, MistralConfig, Phi3Config,
+                          Qwen2Config, Qwen3Config)
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
@@ -31,6 +34,18 @@ def tiny_model(family: str = "llama", attn: str = "sdpa", seed: int = 0, **overr
 
 def random_ids(n: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
     return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True)
+def transformers_deprecations_fail(caplog):
+    """A deprecation transformers logs (rather than warns) about something a test or kvsqueeze used fails the test,
+    so that the next rename breaks the suite while the old name still works. (Warned deprecations are errors
+    through pytest's filterwarnings, see pyproject.toml.)"""
+    caplog.set_level(logging.WARNING, logger="transformers")
+    yield
+    deprecated = [r.getMessage() for r in caplog.records if r.name.startswith("transformers") and "deprecat" in
+                  r.getMessage().lower()]
+    assert not deprecated, f"transformers deprecation: {deprecated[0]}"
 
 
 @pytest.fixture(params=list(FAMILIES))
@@ -109,3 +124,21 @@ def build_method(name: str, ratio: float, model):
 
 RATIO_METHODS = ["lukv", "adakv", "block", "chunk", "finch", "key_rerotation", "cam", "nacl", "cap", "entropy_gated_chunkkv", "kvgrad", "chunkkv", "critical_adakv", "criticalkv", "cur", "expected_attention", "headkv", "keydiff", "knorm", "kvcompose", "kvzip", "restorekv",
                  "lagkv", "leverage_score", "non_causal_attention", "compactor", "merging", "observed_attention", "pyramidkv", "random", "snapkv", "streaming_llm", "tova"]
+
+
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def cached(cache) -> dict:
+    """The keyword arguments that hand `cache` to a model under the installed transformers (`cache=` from 5.24)."""
+    return {CACHE_ARGUMENT: cache}
+
+
+def forward_cache(kwargs: dict):
+    """The cache a model's forward was called with, from a hook's kwargs."""
+    return kwargs[CACHE_ARGUMENT]
+
+
+def output_cache(out):
+    """The cache a model's (or generate's) output carries."""
+    return out[CACHE_ARGUMENT]

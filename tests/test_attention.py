@@ -5,7 +5,7 @@ import torch
 
 import kvsqueeze
 from kvsqueeze import attention
-from conftest import random_ids, tiny_model
+from conftest import cached, random_ids, tiny_model
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -22,9 +22,9 @@ def test_a_question_at_once_equals_the_question_token_by_token(family, attn):
     assert len(set(lengths)) > 1, "the layers must hold different numbers of tokens"
     question = random_ids(6, seed=5)
     with torch.no_grad():
-        at_once = model(question, past_key_values=ctx.cache.fork()).logits
+        at_once = model(question, **cached(ctx.cache.fork())).logits
         cache = ctx.cache.fork()
-        one_by_one = torch.cat([model(question[:, i:i + 1], past_key_values=cache).logits for i in range(6)], 1)
+        one_by_one = torch.cat([model(question[:, i:i + 1], **cached(cache)).logits for i in range(6)], 1)
     assert torch.allclose(at_once, one_by_one, atol=1e-5)
 
 

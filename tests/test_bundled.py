@@ -9,7 +9,7 @@ from transformers import DynamicCache
 import kvsqueeze
 from kvsqueeze import attention, cli
 from kvsqueeze.evaluation.needle import needle_sample
-from conftest import build_method
+from conftest import build_method, cached
 
 
 @pytest.mark.parametrize("name", sorted(kvsqueeze.available()))
@@ -22,11 +22,11 @@ def test_ratio_zero_reproduces_the_bundled_model_exactly(bundled, name):
         ctx = kvsqueeze.compress(model, tokenizer, sample.context, build_method(name, 0.0, model))
         question = ctx.prompt.question_ids(sample.question)
         with torch.no_grad():
-            logits = model(question, past_key_values=ctx.cache.fork()).logits
+            logits = model(question, **cached(ctx.cache.fork())).logits
             attention.uninstall(model)
             cache = DynamicCache(config=model.config)
-            model(ctx.context_ids, past_key_values=cache)
-            expected = model(question, past_key_values=cache).logits
+            model(ctx.context_ids, **cached(cache))
+            expected = model(question, **cached(cache)).logits
         assert torch.equal(logits, expected)
         ids = torch.cat([ctx.context_ids, question], 1)
         plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)

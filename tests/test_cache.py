@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import kvsqueeze
 from kvsqueeze.cache import EvictingLayer, SqueezeCache, as_squeeze_cache
-from conftest import random_ids, tiny_model
+from conftest import cached, output_cache, random_ids, tiny_model
 
 
 def filled_layer(batch=1, heads=2, tokens=10, dim=4):
@@ -66,7 +66,7 @@ def test_fork_shares_memory_and_leaves_the_original_untouched():
     fork = ctx.cache.fork()
     assert all(a.keys is b.keys for a, b in zip(fork.layers, ctx.cache.layers))
     with torch.no_grad():
-        model(random_ids(5, seed=9), past_key_values=fork)
+        model(random_ids(5, seed=9), **cached(fork))
     assert fork.get_seq_length() == 45 and ctx.cache.get_seq_length() == 40
     for layer, (keys, values, seen) in zip(ctx.cache.layers, before):
         assert layer.keys is keys and layer.values is values and layer.seen == seen
@@ -84,7 +84,7 @@ def test_as_squeeze_cache_adopts_a_transformers_cache():
     model = tiny_model("gemma3")
     with torch.no_grad():
         out = model(random_ids(30), use_cache=True)
-    cache = as_squeeze_cache(out.past_key_values)
+    cache = as_squeeze_cache(output_cache(out))
     assert isinstance(cache, SqueezeCache)
     assert [type(layer).__name__ for layer in cache.layers] == ["SlidingWindowLayer", "EvictingLayer"] * 2
     assert cache.get_seq_length() == 30 and cache.nbytes() > 0

@@ -12,7 +12,7 @@ from kvsqueeze.evaluation.needle import needle_sample
 from kvsqueeze.methods.lukv import (GLOBAL_RATIOS, CurveBudget, _ScoreRecorder, allocate, antitonic, budget_curves,
                                     calibrate_lukv, default_scorer, load_curves, oracle_importance)
 from kvsqueeze.budgets import Uniform
-from conftest import layer_types, random_ids, tiny_model
+from conftest import cached, layer_types, random_ids, tiny_model
 
 
 # The offline optimisation
@@ -132,7 +132,7 @@ def test_oracle_importance_is_the_most_attention_times_output_norm_of_any_answer
     kvsqueeze.attention.uninstall(model)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(torch.cat([context, question, answer[None]], 1), past_key_values=cache, output_attentions=True)
+        out = model(torch.cat([context, question, answer[None]], 1), **cached(cache), output_attentions=True)
     steps = torch.arange(30 + 4 - 1, 30 + 4 + 5 - 1)  # the last question token and the answer's but last
     for i, layer in enumerate(model.model.layers):
         weights = out.attentions[i][0][:, steps, :30].amax(1)  # [4 heads, 30]

@@ -5,7 +5,7 @@ import torch
 
 import kvsqueeze
 from kvsqueeze.pipeline import chunks
-from conftest import random_ids, tiny_model
+from conftest import forward_cache, random_ids, tiny_model
 
 
 def test_chunks_never_leave_a_single_token_forward():
@@ -23,7 +23,7 @@ def test_the_cache_never_holds_more_than_the_budget_plus_one_chunk(name, family)
     held_after_chunk = []
 
     def record(module, args, kwargs, output):
-        cache = kwargs["past_key_values"]
+        cache = forward_cache(kwargs)
         held_after_chunk.append((cache.get_seq_length(), max(int(layer.kept_per_head().max())
                                                              for layer in cache.layers
                                                              if not isinstance(layer, kvsqueeze.SlidingWindowLayer))))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kvsqueeze
-from conftest import random_ids, tiny_model
+from conftest import forward_cache, output_cache, random_ids, tiny_model
 
 
 def held_per_step(model):
@@ -12,7 +12,7 @@ def held_per_step(model):
     record = []
 
     def hook(module, args, kwargs, output):
-        cache = kwargs["past_key_values"]
+        cache = forward_cache(kwargs)
         record.append(max(int(layer.kept_per_head().max()) for layer in cache.layers
                           if not isinstance(layer, kvsqueeze.SlidingWindowLayer)))
 
@@ -53,7 +53,7 @@ def test_h2o_keeps_heavy_hitters_and_recent_tokens_within_its_budget():
     with method.apply(model):
         out = model.generate(random_ids(120), attention_mask=torch.ones(1, 120, dtype=torch.long), max_new_tokens=30,
                              min_new_tokens=30, do_sample=False, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert cache.get_seq_length() == 149
     assert all(layer.stored == 50 for layer in cache.layers)
     accumulated = cache.layers[0].state["h2o"]

@@ -9,7 +9,7 @@ from kvsqueeze.cache import EvictingLayer, SqueezeCache
 from kvsqueeze.hooks import LayerContext, attention_modules
 from kvsqueeze.methods.cam import merge_into_next
 from kvsqueeze.methods.minicache import MergedLayer, MergedPair, slerp
-from conftest import random_ids, tiny_model
+from conftest import forward_cache, output_cache, random_ids, tiny_model
 
 MODEL = tiny_model("llama")  # 4 query heads, 2 KV heads, head_dim 16
 
@@ -108,7 +108,7 @@ def test_scissorhands_holds_its_budget_while_generating():
     method = kvsqueeze.Scissorhands(budget=50)
     held = []
     handle = model.base_model.register_forward_hook(
-        lambda m, args, kwargs, out: held.append(max(layer.stored for layer in kwargs["past_key_values"].layers)),
+        lambda m, args, kwargs, out: held.append(max(layer.stored for layer in forward_cache(kwargs).layers)),
         with_kwargs=True)
     try:
         with method.apply(model):
@@ -116,7 +116,7 @@ def test_scissorhands_holds_its_budget_while_generating():
                                  max_new_tokens=30, min_new_tokens=30, do_sample=False, return_dict_in_generate=True)
     finally:
         handle.remove()
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert cache.get_seq_length() == 149
     # the prompt leaves 25 (half the budget dropped); 26 steps later a drop again to 25, then 3 more steps
     assert held == [25] + [25 + k if k <= 25 else 25 + k - 26 for k in range(1, 30)]

@@ -9,7 +9,7 @@ import kvsqueeze
 from kvsqueeze.evaluation.needle import needle_sample
 from kvsqueeze.methods.fastkvzip import Gate, Gates, fit_gate, train_gates
 from kvsqueeze.ragged import RaggedLayer
-from conftest import random_ids, tiny_model
+from conftest import cached, random_ids, tiny_model
 
 
 def test_the_gate_is_the_tokens_probability_against_its_sink_keys():
@@ -102,8 +102,8 @@ def test_ratio_zero_reproduces_the_model_exactly(family):
     context, question = random_ids(60, seed=1), random_ids(5, seed=2)
     method = kvsqueeze.FastKVzip(ratio=0.0, gates=Gates.for_model(model))
     with torch.no_grad():
-        expected = model(question, past_key_values=kvsqueeze.compress(model, None, context).cache.fork()).logits
-        logits = model(question, past_key_values=kvsqueeze.compress(model, None, context, method).cache.fork()).logits
+        expected = model(question, **cached(kvsqueeze.compress(model, None, context).cache.fork())).logits
+        logits = model(question, **cached(kvsqueeze.compress(model, None, context, method).cache.fork())).logits
     assert torch.equal(logits, expected)
 
 
@@ -118,7 +118,7 @@ def test_half_the_cache_is_really_freed_on_every_family(family):
     assert sum(layer.nbytes() for layer in layers) <= 0.5 * 1.25 * sum(layer.peak_bytes for layer in layers)
     assert all(layer.get_seq_length() == 120 for layer in layers)
     with torch.no_grad():
-        assert torch.isfinite(model(random_ids(5, seed=4), past_key_values=ctx.cache.fork()).logits).all()
+        assert torch.isfinite(model(random_ids(5, seed=4), **cached(ctx.cache.fork())).logits).all()
 
 
 def test_budget_in_tokens():

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 import kvsqueeze
 from kvsqueeze import attention
 from kvsqueeze.evaluation.needle import needle_sample
-from conftest import random_ids, tiny_model
+from conftest import cached, random_ids, tiny_model
 
 
 def eager_reference(ids: torch.Tensor, family: str = "llama"):
@@ -16,7 +16,7 @@ def eager_reference(ids: torch.Tensor, family: str = "llama"):
     attention.uninstall(model)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        out = model(ids, past_key_values=cache, output_attentions=True)
+        out = model(ids, **cached(cache), output_attentions=True)
     return out.attentions, cache
 
 

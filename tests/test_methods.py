@@ -6,7 +6,7 @@ from transformers import DynamicCache
 
 import kvsqueeze
 from kvsqueeze import attention, compress
-from conftest import RATIO_METHODS, build_method, head_table, random_ids, tiny_model
+from conftest import RATIO_METHODS, build_method, cached, head_table, random_ids, tiny_model
 
 ALL = sorted(kvsqueeze.available())
 
@@ -20,8 +20,8 @@ def reference(model, context, question, new_tokens=6):
     attention.uninstall(model)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        model(context, past_key_values=cache)
-        logits = model(question, past_key_values=cache).logits
+        model(context, **cached(cache))
+        logits = model(question, **cached(cache)).logits
         ids = torch.cat([context, question], 1)
         tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
     return logits, tokens[0, ids.shape[1]:]
@@ -30,10 +30,11 @@ def reference(model, context, question, new_tokens=6):
 def compressed(model, context, question, method, new_tokens=6):
     ctx = compress(model, None, context, method)
     with torch.no_grad():
-        logits = model(question, past_key_values=ctx.cache.fork()).logits
+        logits = model(question, **cached(ctx.cache.fork())).logits
     return ctx, logits, ctx.generate(question, max_new_tokens=new_tokens)[0]
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", ALL)
 def test_ratio_zero_reproduces_the_model_exactly(family, name):
     model = tiny_model(family, attn=attn_for(name))
@@ -49,6 +50,7 @@ def test_ratio_zero_reproduces_the_model_exactly(family, name):
     assert ctx.stats.compression_ratio == 0
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", RATIO_METHODS)
 def test_half_the_cache_is_really_freed(family, name):
     model = tiny_model(family, attn=attn_for(name))

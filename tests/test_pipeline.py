@@ -6,7 +6,7 @@ import transformers
 
 import kvsqueeze
 from kvsqueeze.hooks import attention_modules
-from conftest import random_ids, tiny_model
+from conftest import cached, output_cache, random_ids, tiny_model
 
 STORY = ("Maya keeps her bicycle in the blue shed behind the bakery. Every Tuesday she rides to the lake. "
          "Her brother Tom prefers to walk, and he owns a grey cat named Pebble. ") * 12
@@ -79,6 +79,7 @@ def test_the_transformers_pipeline_task(bundled):
     assert len(many["answers"]) == 2
 
 
+@pytest.mark.compat
 def test_hooks_are_removed_and_apply_works_around_generate():
     model = tiny_model()
     method = kvsqueeze.KNorm(ratio=0.5)
@@ -86,30 +87,30 @@ def test_hooks_are_removed_and_apply_works_around_generate():
     with method.apply(model):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
                              return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert isinstance(cache, kvsqueeze.SqueezeCache)
     assert cache.get_seq_length() == 42 and cache.layers[0].stored == 20 + 2  # compressed at prefill, then decoding
     assert all(not m._forward_hooks for m in attention_modules(model)) and not model.model._forward_pre_hooks
     with method.apply(model):
         out = model(ids, use_cache=True)
-    assert out.past_key_values.layers[0].stored == 20
+    assert output_cache(out).layers[0].stored == 20
 
 
 def test_l2_compress_has_the_papers_semantics():
     model = tiny_model()
     with torch.no_grad():
         out = model(random_ids(50), use_cache=True)
-    cache = kvsqueeze.l2_compress(out.past_key_values, keep_ratio=0.3, prune_after=40, skip_layers=[0], model=model)
+    cache = kvsqueeze.l2_compress(output_cache(out), keep_ratio=0.3, prune_after=40, skip_layers=[0], model=model)
     assert cache.stored_lengths() == [50, 15, 15, 15] and cache.get_seq_length() == 50
-    norms = out.past_key_values.layers[1].keys.norm(dim=-1)
+    norms = output_cache(out).layers[1].keys.norm(dim=-1)
     kept = cache.layers[1].keys.norm(dim=-1)
     assert torch.allclose(kept.sort(-1).values, norms.sort(-1).values[..., :15])
-    assert kvsqueeze.l2_compress(out.past_key_values, keep_ratio=0.3, prune_after=51).stored_lengths() == [50] * 4
+    assert kvsqueeze.l2_compress(output_cache(out), keep_ratio=0.3, prune_after=51).stored_lengths() == [50] * 4
     with torch.no_grad():  # the compressed cache is used as is for the next forward
-        assert model(random_ids(3), past_key_values=cache).logits.shape == (1, 3, 256)
+        assert model(random_ids(3), **cached(cache)).logits.shape == (1, 3, 256)
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="keep_ratio"):
-            kvsqueeze.l2_compress(out.past_key_values, keep_ratio=bad)
+            kvsqueeze.l2_compress(output_cache(out), keep_ratio=bad)
 
 
 def test_bad_input_gets_a_clear_error():

@@ -10,7 +10,7 @@ from kvsqueeze.attention import ragged_attention
 from kvsqueeze.quantizers import GEAR, KIVI, KVQuant, quantizer
 from kvsqueeze.quantizers.base import pack_bits, unpack_bits
 from kvsqueeze.ragged import RaggedLayer
-from conftest import random_ids, tiny_model
+from conftest import cached, output_cache, random_ids, tiny_model
 from test_ragged import masked_attention
 
 QUANTIZERS = ["kivi-2", "kivi-4", "kvquant-4", "gear-4"]
@@ -212,7 +212,7 @@ def test_a_transformers_quantized_cache_is_compressed_by_methods():
     ids = random_ids(80)
     cache = QuantizedCache(backend="quanto", config=model.config, nbits=4, q_group_size=16, residual_length=16)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cached(cache))
     reference = torch.cat(cache.layers[0]._dequantize(cache.layers[0]._quantized_keys).unbind(0))
     compressed = kvsqueeze.l2_compress(cache, keep_ratio=0.5, prune_after=0, model=model)
     layer = compressed.layers[0]
@@ -222,7 +222,7 @@ def test_a_transformers_quantized_cache_is_compressed_by_methods():
     assert all(torch.cdist(kept[0, h], reference[h]).amin(-1).max() < 0.1 for h in range(2))  # the backend's tokens
     assert compressed.nbytes() < 0.25 * 80 * 2 * 16 * 4 * 2 * 4  # 40 tokens x 2 heads, 4 bits, 4 layers
     with torch.no_grad():
-        assert torch.isfinite(model(random_ids(3, seed=2), past_key_values=compressed).logits).all()
+        assert torch.isfinite(model(random_ids(3, seed=2), **cached(compressed)).logits).all()
 
 
 def test_generate_with_a_transformers_quantized_cache_under_a_method():
@@ -232,9 +232,9 @@ def test_generate_with_a_transformers_quantized_cache_under_a_method():
     ids = random_ids(60)
     cache = QuantizedCache(backend="quanto", config=model.config, nbits=2, q_group_size=16, residual_length=8)
     with kvsqueeze.StreamingLLM(ratio=0.5).apply(model):
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=5,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cached(cache), max_new_tokens=5,
                              do_sample=False, return_dict_in_generate=True, pad_token_id=0)
-    final = out.past_key_values
+    final = output_cache(out)
     assert isinstance(final, kvsqueeze.SqueezeCache)
     assert all(isinstance(layer, RaggedLayer) and layer.codec.bits == 2 for layer in final.layers)
     assert final.layers[0].kept_per_head().tolist() == [[30 + 4, 30 + 4]]  # half the context, then 4 generated

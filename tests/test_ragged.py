@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import kvsqueeze
 from kvsqueeze.attention import ragged_attention
 from kvsqueeze.ragged import RaggedLayer
-from conftest import random_ids, tiny_model
+from conftest import cached, random_ids, tiny_model
 
 
 def masked_attention(keys, values, keep, query, scaling, channels=None):
@@ -114,8 +114,8 @@ def test_a_ragged_layer_keeping_everything_reproduces_the_model(family):
     ragged = kvsqueeze.compress(model, None, context, KeepAllRagged())
     assert any(isinstance(layer, RaggedLayer) for layer in ragged.cache.layers)
     with torch.no_grad():
-        expected = model(question, past_key_values=full.cache.fork()).logits
-        got = model(question, past_key_values=ragged.cache.fork()).logits
+        expected = model(question, **cached(full.cache.fork())).logits
+        got = model(question, **cached(ragged.cache.fork())).logits
     assert torch.allclose(got, expected, atol=1e-4)
     assert torch.equal(ragged.generate(question, max_new_tokens=5), full.generate(question, max_new_tokens=5))
 

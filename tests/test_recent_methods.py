@@ -8,7 +8,7 @@ import kvsqueeze
 from kvsqueeze.evaluation.needle import needle_sample
 from kvsqueeze.methods.cap import capacity_scores
 from kvsqueeze.methods.entropy_gated_chunkkv import gated_chunk_selection, normalized_entropy
-from conftest import random_ids, tiny_model
+from conftest import cached, random_ids, tiny_model
 
 
 def kept_rows(ctx):
@@ -137,7 +137,7 @@ def reference_kvgrad(model, context, n_sink):
     model.set_attn_implementation("eager")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(context, past_key_values=cache)
+        model(context, **cached(cache))
     residuals, last = {}, {}
     layers = model.model.layers
     handles = [layer.post_attention_layernorm.register_forward_pre_hook(
@@ -145,7 +145,7 @@ def reference_kvgrad(model, context, n_sink):
     handles.append(layers[-1].register_forward_hook(lambda m, args, out: last.__setitem__(0, out)))
     repeat = context[:, n_sink:]
     embeds = model.get_input_embeddings()(repeat).detach().requires_grad_()
-    out = model.model(inputs_embeds=embeds, past_key_values=cache, output_attentions=True)
+    out = model.model(inputs_embeds=embeds, **cached(cache), output_attentions=True)
     grads = torch.autograd.grad(last[0].pow(2).sum(), [residuals[i] for i in range(len(layers))])
     for h in handles:
         h.remove()

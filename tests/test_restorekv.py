@@ -8,7 +8,7 @@ import kvsqueeze
 from kvsqueeze.calibration import save_calibration
 from kvsqueeze.evaluation.needle import needle_sample
 from kvsqueeze.methods.restorekv import RestoreAdapter, train_restore
-from conftest import random_ids, tiny_model
+from conftest import cached, random_ids, tiny_model
 
 
 def trained_like(model, seed: int = 0) -> RestoreAdapter:
@@ -24,10 +24,10 @@ def greedy(model, cache, question: torch.Tensor, steps: int) -> list[int]:
     """Greedy decoding fed token by token onto `cache`, positions from the cache's logical length."""
     tokens = []
     with torch.no_grad():
-        logits = model(question, past_key_values=cache).logits
+        logits = model(question, **cached(cache)).logits
         for _ in range(steps):
             tokens.append(int(logits[0, -1].argmax()))
-            logits = model(torch.tensor([[tokens[-1]]]), past_key_values=cache).logits
+            logits = model(torch.tensor([[tokens[-1]]]), **cached(cache)).logits
     return tokens
 
 
@@ -37,8 +37,8 @@ def test_a_budget_that_keeps_everything_reproduces_the_model_exactly(family):
     ctx = kvsqueeze.compress(model, None, context, kvsqueeze.RestoreKV(ratio=0.0, adapter=trained_like(model)))
     assert ctx.logical_length == 60 and ctx.cache.get_seq_length() == 60  # no restore tokens
     with torch.no_grad():
-        expected = model(question, past_key_values=kvsqueeze.compress(model, None, context).cache.fork()).logits
-        assert torch.equal(model(question, past_key_values=ctx.cache.fork()).logits, expected)
+        expected = model(question, **cached(kvsqueeze.compress(model, None, context).cache.fork())).logits
+        assert torch.equal(model(question, **cached(ctx.cache.fork())).logits, expected)
 
 
 def test_the_restore_tokens_stay_and_kvzip_fills_the_rest_of_each_heads_budget(family):
@@ -82,7 +82,7 @@ def test_the_adapter_changes_the_restore_pass_only():
     plain = kvsqueeze.compress(model, None, ids).cache
     with torch.no_grad():
         assert torch.equal(model(probe).logits, before)  # no hook left behind
-        model.base_model(inputs_embeds=untrained.embeddings[None], past_key_values=plain, use_cache=True)
+        model.base_model(inputs_embeds=untrained.embeddings[None], **cached(plain), use_cache=True)
     torch.testing.assert_close(caches[0].layers[1].keys[:, :, -8:], plain.layers[1].keys[:, :, -8:])  # B = 0
     assert not torch.allclose(caches[1].layers[1].keys[:, :, -8:], caches[0].layers[1].keys[:, :, -8:])
 

@@ -12,7 +12,7 @@ from kvsqueeze.cache import EvictingLayer
 from kvsqueeze.evaluation.needle import needle_sample
 from kvsqueeze.methods.minference import vertical_slash_attention, vertical_slash_pattern
 from kvsqueeze.methods.quest import page_bounds
-from conftest import random_ids, tiny_model
+from conftest import cached, random_ids, tiny_model
 from test_methods import reference
 
 
@@ -24,7 +24,7 @@ def decode_step(model, ctx, method, token, perturb=None):
         if perturb is not None and isinstance(layer, EvictingLayer):
             perturb(i, layer)
     with torch.no_grad(), method.apply(model):
-        return model(token, past_key_values=cache).logits
+        return model(token, **cached(cache)).logits
 
 
 # -- Quest --
@@ -218,7 +218,7 @@ def test_minference_settings_that_read_everything_are_exact(family):
     expected_logits, expected = reference(model, context, question)
     ctx = compress(model, None, context, kvsqueeze.MInference(slash_size=150))
     with torch.no_grad():
-        assert torch.equal(model(question, past_key_values=ctx.cache.fork()).logits, expected_logits)
+        assert torch.equal(model(question, **cached(ctx.cache.fork())).logits, expected_logits)
     assert torch.equal(ctx.generate(question, max_new_tokens=6)[0], expected)
 
 

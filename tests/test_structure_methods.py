@@ -8,7 +8,7 @@ import kvsqueeze
 from kvsqueeze import attention
 from kvsqueeze.methods.base import Method, ScorerMethod
 from kvsqueeze.methods.key_rerotation import KeyRerotation
-from conftest import random_ids, tiny_model
+from conftest import cached, random_ids, tiny_model
 
 
 class KeepIndices(Method):
@@ -30,14 +30,14 @@ def keys_at(model, ids, positions, layer=0):
     attention.uninstall(model)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache, position_ids=torch.as_tensor(positions)[None])
+        model(ids, **cached(cache), position_ids=torch.as_tensor(positions)[None])
     return cache.layers[layer].keys
 
 
 def question_logits(model, cache, question):
     attention.install(model)  # a compressed cache is read through kvsqueeze's attention
     with torch.no_grad():
-        return model(question, past_key_values=cache.fork()).logits
+        return model(question, **cached(cache.fork())).logits
 
 
 # -- KeyRerotation --

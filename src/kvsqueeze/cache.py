@@ -326,6 +326,11 @@ class SqueezeCache(Cache):
         widest = max(other.fresh for other in self.layers if isinstance(other, CompressibleLayer))
         return widest + query_length, layer.seen - widest
 
+    @property
+    def compressible(self) -> list[int]:
+        """The layers methods compress (sliding-window layers are bounded by the model itself)."""
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer, CompressibleLayer)]
+
     def keep(self, layer_idx: int, mask: torch.Tensor) -> None:
         """Layer `layer_idx` keeps the tokens where `mask` is True: densely if every head keeps as many, else ragged."""
         self.layers[layer_idx] = self.layers[layer_idx].keep(mask)
@@ -373,7 +378,7 @@ def quantizer_like(layer: BaseQuantizedLayer):
     and full-precision residual window, KIVI's layout (keys per channel, values per token)."""
     from .quantizers import KIVI
 
-    return KIVI(bits=getattr(layer, "nbits", 4), residual=getattr(layer, "residual_length", 128))
+    return KIVI(bits=layer.nbits, residual=layer.residual_length)
 
 
 def quantized_contents(layer: BaseQuantizedLayer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from . import attention
 from .cache import layer_types
 from .evaluation.needle import haystack, needle_sample
-from .hooks import LayerContext
+from .hooks import LayerContext, cache_argument
 from .methods.base import Method
 from .models import frozen
 from .pipeline import compress
@@ -80,7 +80,7 @@ def retrieval_head_scores(model, tokenizer, samples: int = 8, lengths=(1000, 200
                 continue
             span = needle_token_span(tokenizer, ctx.prompt, sample.context, sample.needle)
             ids = torch.cat([question[0], answer]).to(model.device)[None]
-            out = model(ids, past_key_values=ctx.cache.fork(), output_attentions=True)
+            out = model(ids, **{cache_argument(model): ctx.cache.fork()}, output_attentions=True)
             n_context, rows = ctx.logical_length, torch.arange(question.shape[1] - 1, ids.shape[1] - 1)
             for layer, weights in enumerate(out.attentions):
                 on_context = weights[0][:, rows, :n_context].float()  # [heads, answer tokens, context]

@@ -98,6 +98,11 @@ def demo_command(args) -> int:
             (f"{method.name} ratio={method.budget.ratio}",
              run(model, tokenizer, document, DEMO_QUESTION, method, args.max_new_tokens))]
     print(side_by_side(DEMO_QUESTION, runs))
+    held = runs[1][1]["ctx"].stats.bytes_held / runs[0][1]["ctx"].stats.bytes_held
+    if held > 1 - args.ratio + 0.05:
+        print(f"kvsqueeze demo: FAILED: {method!r} holds {held:.0%} of the full cache, more than the "
+              f"{1 - args.ratio:.0%} (+5%) a ratio of {args.ratio} should leave", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,12 +14,14 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
+import transformers
 from torch import nn
 from transformers import DynamicCache, QuantizedCache
 from transformers.cache_utils import BaseQuantizedLayer
 
-from . import attention
-from .cache import EvictingLayer, SqueezeCache, as_squeeze_cache, layer_types, quantizer_like
+from . import attention, forward
+from .cache import CompressibleLayer, EvictingLayer, SqueezeCache, as_squeeze_cache, layer_types, quantizer_like
+from .forward import CompressionNotAppliedError, Forward
 from .ragged import RaggedLayer
 
 if TYPE_CHECKING:
@@ -248,24 +250,63 @@ class LayerContext:
         return per_query_head.view(batch, self.n_kv_heads, heads // self.n_kv_heads, *per_query_head.shape[2:]).mean(2)
 
 
-def _model_pre_hook(model: nn.Module, method: "Method"):
-    """A pre-hook on the model's forward: gives it a SqueezeCache when it was called with none, with an empty
-    default cache, or with a transformers quantized cache (whose quantization the SqueezeCache takes over,
-    see `cache.as_squeeze_cache`), then lets the method see the forward's arguments."""
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers >= 5.24 names it `cache`, before `past_key_values`
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword under which the installed transformers' `model` takes its cache (`cache` from 5.24 on)."""
+    decoder = getattr(model, "base_model", model)
+    parameters = inspect.signature(decoder.forward).parameters
+    found = next((name for name in CACHE_ARGUMENTS if name in parameters), None)
+    if found is None:
+        raise attention.UnsupportedModelError(
+            f"{type(decoder).__name__}.forward takes its cache under none of {CACHE_ARGUMENTS} "
+            f"(transformers {transformers.__version__}): kvsqueeze cannot hand it a cache")
+    return found
+
+
+def _forward_hooks(model: nn.Module, method: "Method"):
+    """A pre-hook and a hook on the model's forward. The pre-hook gives the forward a SqueezeCache when it was called
+    with none, with an empty default cache, or with a transformers quantized cache (whose quantization the
+    SqueezeCache takes over, see `cache.as_squeeze_cache`), starts the forward's `Forward` state, and lets the method
+    see the forward's arguments. The hook ends the state and raises if the method missed a layer it compresses."""
+    name = cache_argument(model)
 
     def pre_hook(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        given = [kwargs.pop(alias) for alias in CACHE_ARGUMENTS if kwargs.get(alias) is not None]
+        cache = given[0] if given else None
         if kwargs.get("use_cache") is not False and not isinstance(cache, SqueezeCache):
             if cache is None or (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0):
-                kwargs["past_key_values"] = SqueezeCache(model.config)
+                cache = SqueezeCache(model.config)
             elif isinstance(cache, QuantizedCache):
-                kwargs["past_key_values"] = quantized_squeeze_cache(model, cache)
+                cache = quantized_squeeze_cache(model, cache)
             else:
                 raise TypeError(f"kvsqueeze methods compress a SqueezeCache; got a filled {type(cache).__name__}")
-        method.before_forward(kwargs)
+        state = None
+        if cache is not None:
+            kwargs[name] = cache
+            state = forward.begin(Forward(cache, method))
+        try:
+            method.before_forward(kwargs)
+        except BaseException:
+            if state is not None:
+                forward.end(state)
+            raise
         return args, kwargs
 
-    return pre_hook
+    def hook(module, args, kwargs, output):
+        state = forward.current()
+        if state is None or state.method is not method:
+            return
+        forward.end(state)
+        missed = state.unreached()
+        if output is not None and missed:
+            raise CompressionNotAppliedError(
+                f"{type(method).__name__} was applied but did not reach layers {missed} of "
+                f"{type(model).__name__} (transformers {transformers.__version__}): nothing was compressed there. "
+                "This transformers release may route attention differently from the releases kvsqueeze supports.")
+
+    return pre_hook, hook
 
 
 def quantized_squeeze_cache(model: nn.Module, cache: QuantizedCache) -> SqueezeCache:
@@ -287,15 +328,18 @@ def hooked(model: nn.Module, method: "Method"):
 
     def after_attention(module, args, kwargs, output):
         query = captured.pop(module, None)
-        cache = kwargs.get("past_key_values")
-        if cache is None:
+        state = forward.current()
+        if state is None or state.method is not method:
             return
-        if not isinstance(cache, SqueezeCache):
-            raise TypeError(f"kvsqueeze methods compress a SqueezeCache; got {type(cache).__name__}")
-        layer = cache.layers[module.layer_idx]
-        if not isinstance(layer, (EvictingLayer, RaggedLayer)) or not layer.is_initialized:
+        cache, index = state.cache, module.layer_idx
+        layer = cache.layers[index]
+        if not isinstance(layer, CompressibleLayer) or not layer.is_initialized:
             return  # sliding-window layers are bounded by the model itself
         hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if not isinstance(hidden, torch.Tensor):
+            raise attention.UnsupportedModelError(
+                f"{type(module).__name__} got no hidden states as its first argument (transformers "
+                f"{transformers.__version__}): kvsqueeze cannot hand them to {type(method).__name__}")
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         ctx = LayerContext(module=module, cache=cache, hidden_states=hidden,
                            position_embeddings=kwargs.get("position_embeddings"),
@@ -303,10 +347,13 @@ def hooked(model: nn.Module, method: "Method"):
         if method.acts_on(ctx):
             with torch.no_grad():
                 method.compress(ctx)
-        cache.quantize(module.layer_idx)
+        cache.quantize(index)
+        state.reached.add(index)
 
     decoder = getattr(model, "base_model", model)  # model(...), generate and kvsqueeze's prefill all go through it
-    handles = [decoder.register_forward_pre_hook(_model_pre_hook(model, method), with_kwargs=True)]
+    pre_hook, hook = _forward_hooks(model, method)
+    handles = [decoder.register_forward_pre_hook(pre_hook, with_kwargs=True),
+               decoder.register_forward_hook(hook, with_kwargs=True, always_call=True)]
     for module in modules:
         handles.append(module.register_forward_hook(after_attention, with_kwargs=True))
         attention.query_observers[module] = lambda query, module=module: captured.__setitem__(module, query)

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from . import attention
 from .cache import EvictingLayer, SlidingWindowLayer, SqueezeCache
-from .hooks import attention_modules
+from .hooks import attention_modules, cache_argument
 from .methods import Method
 from .prompt import Prompt
 from .quantizers import Quantizer, quantizer as as_quantizer
@@ -163,7 +163,7 @@ def prefill(model, ids: torch.Tensor, cache: SqueezeCache, method: Method | None
             for span in tqdm(spans, desc="prefill", disable=not progress or len(spans) == 1):
                 padding = {} if attention_mask is None else {"attention_mask": attention_mask[:, :span.stop],
                                                              "position_ids": positions[:, span]}
-                base(input_ids=ids[:, span].to(model.device), past_key_values=cache, use_cache=True, **padding)
+                base(input_ids=ids[:, span].to(model.device), **{cache_argument(model): cache}, use_cache=True, **padding)
                 cache.quantize()
         if method is not None:
             method.after_prefill(model, cache, ids, attention_mask, prompt)
@@ -304,7 +304,7 @@ class CompressedContext:
             cache.batch_repeat_interleave(expand)
         attention.install(self.model)
         with torch.no_grad(), (decode_method.apply(self.model) if decode_method is not None else nullcontext()):
-            out = self.model.generate(ids, attention_mask=mask, past_key_values=cache, **kwargs)
+            out = self.model.generate(ids, attention_mask=mask, **{cache_argument(self.model): cache}, **kwargs)
         return out[:, ids.shape[1]:]
 
     def ask(self, question: str | list[str], answer_prefix: str = "", decode_method: Method | None = None,

@@ -2,7 +2,7 @@ import torch
 
 from ..budgets import Uniform, top_k_per_head
 from ..cache import CompressibleLayer
-from ..hooks import LayerContext, hooked
+from ..hooks import LayerContext, cache_argument, hooked
 from .base import Method
 
 REPEAT_FIRST = "\n\nRepeat the previous context exactly."
@@ -36,7 +36,7 @@ def observe(model, cache, ids: torch.Tensor, callback, attention_mask=None, star
     `attention_mask` marks the cache's left padding (then extended over the new tokens)."""
     extra = {} if attention_mask is None else appended(attention_mask.to(model.device), ids.shape[1], start)
     with hooked(model, _Observer(callback)):
-        model.base_model(input_ids=ids.to(model.device), past_key_values=cache.fork(), use_cache=True, **extra)
+        model.base_model(input_ids=ids.to(model.device), **{cache_argument(model): cache.fork()}, use_cache=True, **extra)
 
 
 def rows(cache, ids: torch.Tensor, attention_mask: torch.Tensor | None):

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..budgets import Budget, Uniform, largest_remainder
 from ..cache import layer_types
 from ..evaluation.needle import needle_sample
-from ..hooks import LayerContext, attention_modules
+from ..hooks import LayerContext, attention_modules, cache_argument
 from .base import Method, ScorerMethod, ScorerWrapper, as_scorer
 from .expected_attention import ExpectedAttention
 
@@ -127,7 +127,7 @@ def oracle_importance(model, compressed, question_ids: torch.Tensor, answer: tor
     n = compressed.logical_length
     modules = attention_modules(model)
     with eager_attention(model), torch.no_grad():
-        attentions = model(ids, past_key_values=compressed.cache.fork(), output_attentions=True).attentions
+        attentions = model(ids, **{cache_argument(model): compressed.cache.fork()}, output_attentions=True).attentions
         oracle = {}
         for i in layers:
             weights = attentions[i][0][:, steps, :n].float().amax(1)  # [heads, context]

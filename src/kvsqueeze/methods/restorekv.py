@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..hooks import cache_argument
 from ..models import frozen
 from .kvzip import KVzip, appended, eviction_plan, repeat_inputs, sink_length
 
@@ -183,7 +184,7 @@ class RestoreKV(KVzip):
             attention_mask = attention_mask.to(model.device)
             extra = appended(attention_mask, n, attention_mask.sum(-1, keepdim=True))
         with self.adapter.active(model):
-            model.base_model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, **extra)
+            model.base_model(inputs_embeds=embeds, **{cache_argument(model): cache}, use_cache=True, **extra)
 
     def describe(self):
         return super().describe() | {"adapter": self.source}
@@ -227,12 +228,12 @@ def train_restore(model, tokenizer, texts: list[str] | None = None, out: str | P
             method = methods[step % len(methods)]
             repeat = rng.choice(inputs)[2].to(model.device)
             with torch.no_grad():
-                teacher = model(input_ids=repeat, past_key_values=ctx.cache.fork()).logits.float().log_softmax(-1)
+                teacher = model(input_ids=repeat, **{cache_argument(model): ctx.cache.fork()}).logits.float().log_softmax(-1)
             with torch.enable_grad():
                 student_cache = ctx.cache.fork()
                 method.restore_and_evict(model, student_cache, scores, *eviction_plan(ctx.cache, ctx.context_ids,
                                                                                       method.budget))
-                student = model(input_ids=repeat, past_key_values=student_cache).logits.float().log_softmax(-1)
+                student = model(input_ids=repeat, **{cache_argument(model): student_cache}).logits.float().log_softmax(-1)
                 loss = F.kl_div(student[0], teacher[0], log_target=True, reduction="batchmean")
                 optimiser.zero_grad()
                 loss.backward()

@@ -1,5 +1,6 @@
 import torch
 
+from .. import forward
 from ..cache import layer_types
 from ..hooks import LayerContext, rotate_half
 from .base import Method
@@ -32,7 +33,8 @@ class RollingStreamingLLM(Method):
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and not bool(mask.all()):
             raise ValueError("RollingStreamingLLM does not run on padded batches: generate each row on its own")
-        cache = kwargs.get("past_key_values")
+        state = forward.current()
+        cache = None if state is None else state.cache
         ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if cache is not None and ids is not None:  # positions follow the cache, not the text
             start = cache.get_seq_length()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ... import attention
 from ...cache import SqueezeCache
+from ...hooks import cache_argument
 from ...methods import Method
 from ...pipeline import check_fits
 from ..base import Benchmark, Question, Sample
@@ -60,7 +61,7 @@ def token_nlls(model, tokenizer, text: str | torch.Tensor, method: Method | None
     with torch.no_grad(), (method.apply(model) if method is not None else nullcontext()):
         for start in range(0, ids.shape[1], chunk_size):
             chunk = ids[:, start:start + chunk_size].to(model.device)
-            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits.float()
+            logits = model(input_ids=chunk, **{cache_argument(model): cache}, use_cache=True).logits.float()
             predicting = logits[:, :-1] if last_logits is None else torch.cat([last_logits, logits[:, :-1]], 1)
             targets = chunk[:, 1:] if last_logits is None else chunk
             nlls.append(F.cross_entropy(predicting[0], targets[0], reduction="none").cpu())
