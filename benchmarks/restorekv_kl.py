@@ -52,7 +52,7 @@ def main():
             for run in RUNS:
                 method = (kvsqueeze.KVzip(ratio=ratio) if run == "kvzip"
                           else kvsqueeze.RestoreKV(ratio=ratio, adapter=adapters[run]))
-                layers, seen = eviction_plan(ctx.cache, ids, method.budget)
+                layers, seen = eviction_plan(ctx.cache, ids, method.allocation)
                 cache = ctx.cache.fork()
                 with torch.no_grad():
                     if run == "kvzip":

@@ -9,8 +9,8 @@ from transformers import DynamicCache
 import kvsqueeze
 from kvsqueeze.budgets import top_k_per_head
 from kvsqueeze.evaluation.needle import needle_sample
-from kvsqueeze.methods.lukv import (GLOBAL_RATIOS, CurveBudget, allocate, antitonic, budget_curves, calibrate_lukv,
-                                    load_curves, oracle_importance)
+from kvsqueeze.methods.lukv import (GLOBAL_RATIOS, CurveBudget, ScoreRecorder, allocate, antitonic, budget_curves,
+                                    calibrate_lukv, default_scorer, load_curves, oracle_importance)
 from kvsqueeze.budgets import Uniform
 from conftest import cached, layer_types, random_ids, tiny_model
 
@@ -126,7 +126,9 @@ def test_settings():
 def test_oracle_importance_is_the_most_attention_times_output_norm_of_any_answer_step():
     model = tiny_model("llama", attn="eager")
     context, question, answer = random_ids(30, seed=1), random_ids(4, seed=2), random_ids(5, seed=3)[0]
-    compressed = kvsqueeze.compress(model, None, context)
+    recorder = ScoreRecorder(default_scorer(), window=1)
+    with kvsqueeze.hooks.observing(model, recorder):
+        compressed = kvsqueeze.compress(model, None, context)
     oracle = oracle_importance(model, compressed, question, answer, [0, 1, 2, 3])
 
     cache = DynamicCache(config=model.config)

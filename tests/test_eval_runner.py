@@ -6,6 +6,7 @@ import pytest
 
 import kvsqueeze
 from kvsqueeze import cli, evaluation
+from kvsqueeze.prompt import Prompt
 from kvsqueeze.evaluation import runner
 
 pytestmark = pytest.mark.bundled
@@ -147,7 +148,8 @@ def test_a_question_with_a_next_step_asks_it_alone_and_scores_its_answer(bundled
     answered = []
 
     def answer_step(reasoning):
-        answered.append(kvsqueeze.compress(model, tokenizer, "").ask(f"Say yes or no: {reasoning.strip()}",
+        header = Prompt.for_tokenizer(tokenizer).context_ids("")  # the prompt's header alone
+        answered.append(kvsqueeze.compress(model, tokenizer, header).ask(f"Say yes or no: {reasoning.strip()}",
                                                                      max_new_tokens=5))  # the step alone
         return evaluation.Question(f"Say yes or no: {reasoning.strip()}", ["unused"], max_new_tokens=5)
 

@@ -217,8 +217,8 @@ def test_headkv_budgets_follow_head_importance():
     importance = torch.tensor([[0.1, 0.5], [0.1, 0.1], [0.1, 0.1], [0.05, 0.05]])
     method = kvsqueeze.HeadKV(budget=20, head_scores=importance, window_size=2)
     method.setup(MODEL)
-    counts = method.budget.layer_counts(100, 0).tolist()
-    assert counts[1] > counts[0] and sum(method.budget.layer_counts(100, i).sum().item() for i in range(4)) == \
+    counts = method.allocation.layer_counts(100, 0).tolist()
+    assert counts[1] > counts[0] and sum(method.allocation.layer_counts(100, i).sum().item() for i in range(4)) == \
         pytest.approx(8 * 20, abs=4)
 
 

@@ -61,7 +61,7 @@ def test_kvzip_keeps_the_highest_scores_at_its_level(level):
     ctx = kvsqueeze.compress(model, None, ids, method)
     kept = [layer.kept_per_head()[0] for layer in ctx.cache.layers]
     assert sum(int(k.sum()) for k in kept) == 30 * 2 * 4  # the budget, exactly
-    masks = [kvsqueeze.methods.kvzip.select([scores[i]], torch.tensor([60]), "head", method.budget, [60])[0]
+    masks = [kvsqueeze.methods.kvzip.select([scores[i]], torch.tensor([60]), "head", method.allocation, [60])[0]
              for i in range(4)] if level == "head" else None
     if level == "head":
         for i, layer in enumerate(ctx.cache.layers):

@@ -271,4 +271,4 @@ def test_end_to_end_on_the_bundled_model(bundled):
     ctx = kvsqueeze.compress(model, tokenizer, sample.context + separator + sample.question, finch)
     assert ctx.stats.bytes_held <= 0.55 * ctx.stats.bytes_uncompressed
     key = sample.needle.split(" for the ")[1].split(" is ")[0]
-    assert key in ctx.ask("", max_new_tokens=24)  # the question was kept: the answer is about it
+    assert key in ctx.answer(max_new_tokens=24)  # the question was kept: the answer is about it

@@ -309,21 +309,33 @@ class CompressedContext:
             out = self.model.generate(ids, attention_mask=mask, **{cache_argument(self.model): cache}, **kwargs)
         return out[:, ids.shape[1]:]
 
-    def ask(self, question: str | list[str], answer_prefix: str = "", decode_method = None,
+    def ask(self, question: str | list[str], answer_prefix: str = "", decode_method=None,
             **generate_kwargs) -> str | list[str]:
         """Answer `question` about the context (greedy, 128 new tokens unless generate kwargs say otherwise).
 
         Returns one string; a list when `num_return_sequences` > 1 or the context is a batch (one answer per
         row, then per sequence). For a batch, `question` is asked of every row, or is a list of one per row.
-        `decode_method` keeps compressing while the answer is generated.
+        `decode_method` keeps compressing while the answer is generated. When the question was compressed with
+        the context (query-aware), use `answer` instead.
         """
+        questions = [question] if isinstance(question, str) else list(question) if isinstance(question, list) else []
+        if not questions or not all(isinstance(q, str) and q.strip() for q in questions):
+            raise ValueError(f"a question is a non-empty text (or a list of them); got {question!r} (when the context "
+                             "ends with its question, use answer())")
+        return self._reply(question, answer_prefix, decode_method, generate_kwargs)
+
+    def answer(self, answer_prefix: str = "", decode_method=None, **generate_kwargs) -> str | list[str]:
+        """Answer the question the context itself ends with (query-aware: it was compressed with the context): the
+        end of the user turn and the assistant header are added, then `answer_prefix`."""
+        return self._reply("", answer_prefix, decode_method, generate_kwargs)
+
+    def _reply(self, question, answer_prefix, decode_method, generate_kwargs):
         if self.prompt is None:
             raise ValueError("this context has no tokenizer: use generate() with token ids")
-        questions = [question] if isinstance(question, str) else list(question)
-        if not questions or not all(isinstance(q, str) and q.strip() for q in questions):
-            raise ValueError(f"a question is a non-empty text (or a list of them); got {question!r}")
-        ids = [self.prompt.question_ids(q, answer_prefix) for q in questions]
-        ids = ids[0] if isinstance(question, str) else ids
+        if isinstance(question, str):
+            ids = self.prompt.question_ids(question, answer_prefix)
+        else:
+            ids = [self.prompt.question_ids(q, answer_prefix) for q in question]
         new = self.generate(ids, decode_method, **generate_kwargs)
         answers = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
         return answers if len(answers) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1 else answers[0]

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..prompt import Prompt
 from .base import Benchmark, Question, Sample
 
 
@@ -141,7 +142,8 @@ def answer(model, tokenizer, sample: Sample, configurations: list[Configuration]
         steps = [first]
         while question.then is not None:
             question = question.then(steps[-1])
-            alone = compress(model, tokenizer, "", chat_template=sample.chat_template)  # the prompt's header only
+            header = Prompt.for_tokenizer(tokenizer, sample.chat_template).context_ids("")  # the prompt's header only
+            alone = compress(model, tokenizer, header, chat_template=sample.chat_template)
             steps.append(alone.ask(question.text, answer_prefix=question.answer_prefix,
                                    max_new_tokens=question.max_new_tokens))
         return steps[-1], steps[:-1]
@@ -158,7 +160,7 @@ def answer(model, tokenizer, sample: Sample, configurations: list[Configuration]
         contexts = compressed(model, tokenizer, sample.context + "\n\n" + q.text, configurations, check_window,
                               share_prefill, chat_template=sample.chat_template)
         for configuration, ctx in zip(configurations, contexts):
-            prediction = ctx.ask("", answer_prefix=q.answer_prefix, max_new_tokens=q.max_new_tokens)
+            prediction = ctx.answer(answer_prefix=q.answer_prefix, max_new_tokens=q.max_new_tokens)
             yield configuration, i, *with_steps(q, prediction), ctx.stats
 
 

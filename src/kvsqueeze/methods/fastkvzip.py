@@ -117,11 +117,13 @@ class FastKVzip(Budgeted):
                              "kvsqueeze.methods.fastkvzip.train_gates(model, tokenizer, out=FILE)")
         if self.level not in ("pair", "layer", "head"):
             raise ValueError(f"level is 'pair', 'layer' or 'head'; got {self.level!r}")
+        self.trained = self.gates if isinstance(self.gates, Gates) else None  # a file: loaded by setup
         # this prefill's scores and real tokens (not padding), per layer, until the last layer has been seen
         self.scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def setup(self, model):
-        self.trained = self.gates if isinstance(self.gates, Gates) else Gates.load(self.gates)
+        if self.trained is None:
+            self.trained = Gates.load(self.gates)
         if self.trained.shape != model_shape(model):
             raise ValueError(f"these FastKVzip gates were made for {self.trained.shape} (layers, hidden size, KV heads, "
                              f"group), not this model's {model_shape(model)}: train gates with train_gates")

@@ -110,10 +110,12 @@ class KVzap(ScorerMethod):
         super().__post_init__()
         if self.threshold is not None:
             self.ratio = None  # the threshold decides, not a ratio
+        self.trained = self.surrogate if isinstance(self.surrogate, Surrogate) else None  # a file: loaded by setup
         self.dms = None if self.threshold is None else DMS(self.threshold, scorer=self, window_size=self.window_size)
 
     def setup(self, model):
-        self.trained = self.surrogate if isinstance(self.surrogate, Surrogate) else Surrogate.load(self.surrogate)
+        if self.trained is None:
+            self.trained = Surrogate.load(self.surrogate)
         config = model.config.get_text_config()
         expected = (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads)
         if self.trained.shape != expected:

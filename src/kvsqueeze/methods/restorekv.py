@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..hooks import attached
 from ..models import cache_argument, frozen
 from .kvzip import KVzip, appended, eviction_plan, repeat_inputs, sink_length
 
@@ -149,9 +150,11 @@ class RestoreKV(KVzip):
         if self.adapter is None:
             raise ValueError(f"RestoreKV needs restore tokens and an adapter trained on your model: adapter=FILE from "
                              f"{COMMAND}")
+        self.trained = self.adapter if isinstance(self.adapter, RestoreAdapter) else None  # a file: loaded by setup
 
     def setup(self, model):
-        self.trained = self.adapter if isinstance(self.adapter, RestoreAdapter) else RestoreAdapter.load(self.adapter)[0]
+        if self.trained is None:
+            self.trained = RestoreAdapter.load(self.adapter)[0]
         self.trained.check(model)
         self.plus = self.trained.plus
 
@@ -181,7 +184,7 @@ class RestoreKV(KVzip):
         if attention_mask is not None:
             attention_mask = attention_mask.to(model.device)
             extra = appended(attention_mask, n, attention_mask.sum(-1, keepdim=True))
-        with self.trained.active(model):
+        with self.trained.active(model), attached(model):
             model.base_model(inputs_embeds=embeds, **{cache_argument(model): cache}, use_cache=True, **extra)
 
 
@@ -217,7 +220,7 @@ def train_restore(model, tokenizer, texts: list[str] | None = None, out: str | P
     rng = random.Random(seed)
     optimiser = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
     bar = tqdm(range(steps), desc="RestoreKV", disable=not progress)
-    with frozen(model):
+    with frozen(model), attached(model):  # the contexts' caches are read through kvsqueeze
         for step in bar:
             ctx, scores, inputs = contexts[step % len(contexts)]
             method = methods[step % len(methods)]
@@ -227,7 +230,7 @@ def train_restore(model, tokenizer, texts: list[str] | None = None, out: str | P
             with torch.enable_grad():
                 student_cache = ctx.cache.fork()
                 method.restore_and_evict(model, student_cache, scores, *eviction_plan(ctx.cache, ctx.context_ids,
-                                                                                      method.budget))
+                                                                                      method.allocation))
                 student = model(input_ids=repeat, **{cache_argument(model): student_cache}).logits.float().log_softmax(-1)
                 loss = F.kl_div(student[0], teacher[0], log_target=True, reduction="batchmean")
                 optimiser.zero_grad()
