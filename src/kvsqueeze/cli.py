@@ -6,6 +6,8 @@
     kvsqueeze eval -b B ...   score methods on a benchmark (resumable sweep, JSON lines, table, plots)
     kvsqueeze report FILES    merge result files into one table and plots
     kvsqueeze bench           memory and speed against context length, with plots
+    kvsqueeze lm-eval ARGS    lm-evaluation-harness's command line, with the "kvsqueeze" model registered
+    kvsqueeze ui              a page that shows what a method kept, and the answers full vs compressed
 """
 
 from __future__ import annotations
@@ -361,6 +363,11 @@ def parser() -> argparse.ArgumentParser:
                                    "cache bytes against context length, with plots (kvsqueeze bench --help)")
     benching.set_defaults(handler=None)
 
+    lm_eval = commands.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's command line with the "
+                                  "\"kvsqueeze\" model registered (kvsqueeze lm-eval run --model kvsqueeze "
+                                  "--model_args method=snapkv,ratio=0.5 --tasks ...; needs kvsqueeze[lm-eval])")
+    lm_eval.set_defaults(handler=None)
+
     reporting = commands.add_parser("report", help="merge result files (shards) into one table and plots",
                                     description="Read eval result files, merge them (each row once), print the "
                                                 "table and write the plots.")
@@ -380,6 +387,14 @@ def main(argv: list[str] | None = None) -> int:
         from . import bench
 
         return bench.main(argv[1:])
+    if argv[:1] == ["lm-eval"]:  # lm-eval's own parser takes every argument after it
+        try:
+            from .integrations.lm_eval import command_line
+        except ModuleNotFoundError as missing:
+            print(f"kvsqueeze lm-eval: {missing.name} is not installed: pip install 'kvsqueeze[lm-eval]'",
+                  file=sys.stderr)
+            return 2
+        return command_line(argv[1:])
     args = parser().parse_args(argv)
     handler = getattr(args, "handler", demo_command)
     try:
