@@ -75,13 +75,22 @@ def test_a_batch_row_keeps_what_it_keeps_alone():
         kept_positions(batch, row=2)
 
 
-def test_quantized_tokens_are_matched_to_their_nearest(family):
-    """A quantizer rounds what it stores: the positions are then estimated by the nearest full token."""
-    model, ids = tiny_model(family), random_ids(96, seed=5)
-    exact = kept_positions(kvsqueeze.compress(model, None, ids, kvsqueeze.KNorm(ratio=0.5)))
-    quantized = kvsqueeze.compress(model, None, ids, kvsqueeze.KNorm(ratio=0.5), quantizer="kivi-4")
-    estimate = kept_positions(quantized)
-    assert (estimate == exact).float().mean() > 0.97
+@pytest.mark.parametrize("method", [kvsqueeze.KNorm(ratio=0.5), kvsqueeze.AdaKV(ratio=0.5), None])
+def test_a_quantizer_does_not_change_what_is_found(family, method):
+    """A quantizer rounds what it stores, not what the method evicts: the positions are those without it."""
+    model, ids = tiny_model(family), random_ids(300, seed=5)
+    exact = kept_positions(kvsqueeze.compress(model, None, ids, method))
+    quantized = kvsqueeze.compress(model, None, ids, method, quantizer="kivi-2")
+    assert quantized.stats.bytes_held < 0.6 * kvsqueeze.compress(model, None, ids, method).stats.bytes_held
+    assert torch.equal(kept_positions(quantized), exact)
+
+
+def test_merged_tokens_are_matched_to_their_nearest():
+    """CAM merges evicted values into kept ones: each held token is then matched with the nearest full token."""
+    model, ids = tiny_model(), random_ids(96, seed=5)
+    ctx = kvsqueeze.compress(model, None, ids, kvsqueeze.CAM(ratio=0.5))
+    kept = kept_positions(ctx)
+    assert (kept.sum(-1) == held_counts(ctx)).all()
 
 
 def test_bundled_model_and_its_chat_template(bundled):
@@ -93,3 +102,12 @@ def test_bundled_model_and_its_chat_template(bundled):
     assert kept.shape == (30, 3, ctx.logical_length)
     assert (kept.sum(-1) == held_counts(ctx)).all()
     assert kept[:, :, :4].all() and kept[:, :, -10:].all()
+
+
+def test_an_uncompressed_reference_can_be_given():
+    model, ids = tiny_model(), random_ids(40, seed=6)
+    ctx = kvsqueeze.compress(model, None, ids, kvsqueeze.KNorm(ratio=0.5))
+    full = kvsqueeze.compress(model, None, ids, None)
+    assert torch.equal(kept_positions(ctx, reference=full), kept_positions(ctx))
+    with pytest.raises(ValueError, match="not the same context"):
+        kept_positions(ctx, reference=kvsqueeze.compress(model, None, random_ids(40, seed=7), None))

@@ -279,6 +279,16 @@ def methods_command(args) -> int:
     return 0
 
 
+def ui_command(args) -> int:
+    try:
+        from .ui import serve
+    except ModuleNotFoundError as missing:
+        print(f"kvsqueeze ui: {missing.name} is not installed: pip install 'kvsqueeze[ui]'", file=sys.stderr)
+        return 2
+    serve(args.host, args.port, args.model)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="kvsqueeze", description="Compress the KV cache of a Hugging Face causal LM. "
                                   "With no command: a demo on the bundled model and a built-in document.")
@@ -378,6 +388,16 @@ def parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("methods", help="list every method and what it keeps",
                                   description="List every method: registry name, class, what it keeps.")
     listing.set_defaults(handler=methods_command)
+
+    page = commands.add_parser("ui", help="a page that shows what a method kept, and the answers full vs compressed",
+                               description="Serve a page (needs kvsqueeze[ui]): paste or upload a document, choose a "
+                                           "method, ratio and quantizer, see the bytes held against the full cache, "
+                                           "a heatmap of the tokens each layer and head kept, and the answers to a "
+                                           "question with the full and the compressed cache, streamed side by side.")
+    page.add_argument("--host", default="127.0.0.1")
+    page.add_argument("--port", type=int, default=8000)
+    page.add_argument("--model", default=None, help="hub id or local folder (default: the bundled SmolLM2)")
+    page.set_defaults(handler=ui_command)
     return top
 
 

@@ -4,9 +4,11 @@ The cache does not record where its kept tokens came from (it needs no positions
 length). `kept_positions` finds them: it prefills the same context again without compressing, and matches each
 token the compressed cache holds with the uncompressed token of the same layer and head that has the same key
 and value. After a prefill done in one forward, a kept token's key and value are exactly those of the full
-prefill (methods act after each layer has attended), so the match is exact. Where a method or the storage
-changes what is held (a quantizer's rounding, merged values, re-rotated keys, pruned key channels, chunked
-prefill after its first chunk), each held token is matched with the nearest full one: an estimate.
+prefill (methods act after each layer has attended), so the match is exact. A quantizer rounds what it
+stores but does not change what a method evicts during the prefill: for a quantized context the same method is
+run again without it, and that eviction is matched exactly. Where a method changes what is held (merged values,
+re-rotated keys, pruned key channels, chunked prefill after its first chunk), or decides after the prefill on a
+quantized cache, each held token is matched with the nearest full one: an estimate.
 """
 
 from __future__ import annotations
@@ -48,11 +50,12 @@ def match(held: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return index
 
 
-def kept_positions(ctx, row: int = 0) -> torch.Tensor:
+def kept_positions(ctx, row: int = 0, reference=None) -> torch.Tensor:
     """[layers, kv_heads, tokens] bool: whether each layer and KV head of `ctx`'s cache holds each token of its
     context (row `row` of a batch; padding left out, so `tokens` is that row's length).
 
-    `ctx` is a `CompressedContext`; its model prefills the context once more, uncompressed, to match against.
+    `ctx` is a `CompressedContext`; its model prefills the context once more, uncompressed, to match against,
+    unless `reference` is that uncompressed context already (`compress(..., method=None)` of the same row).
     Exact for methods that keep tokens unchanged from a prefill done in one forward; an estimate otherwise
     (see the module's docstring).
     """
@@ -63,7 +66,13 @@ def kept_positions(ctx, row: int = 0) -> torch.Tensor:
     ids = ctx.context_ids[row]
     if ctx.context_mask is not None:
         ids = ids[ctx.context_mask[row].bool().cpu()]
-    reference = compress(ctx.model, None, ids[None], None, check_window=False)
+    if reference is None:
+        reference = compress(ctx.model, None, ids[None], None, check_window=False)
+    elif reference.batch_size != 1 or not torch.equal(reference.context_ids[0].cpu(), ids.cpu()):
+        raise ValueError("the reference is not the same context, uncompressed: compress the same text with method=None")
+    method = ctx.method
+    if ctx.stats.quantizer is not None and not (method is not None and method.decides_after_prefill()):
+        ctx, row = (reference if method is None else compress(ctx.model, None, ids[None], method, check_window=False)), 0
     layers = []
     for mine, theirs in zip(ctx.cache.layers, reference.cache.layers, strict=True):
         keys, values, real = held_tokens(mine)
