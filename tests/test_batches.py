@@ -105,3 +105,59 @@ def test_batched_ask_on_the_bundled_model(bundled):
             assert "green" in answers[0].lower() and "captain" in answers[1].lower() and "five" in answers[2].lower()
         else:
             assert "captain" in answers[1].lower() and "five" in answers[2].lower()
+
+
+def stacked_answers_equal_alone(model, contexts_and_questions, new_tokens=5):
+    stacked = kvsqueeze.CompressedContext.stack([ctx for ctx, _ in contexts_and_questions])
+    answers = stacked.generate([question for _, question in contexts_and_questions], max_new_tokens=new_tokens)
+    for row, (ctx, question) in enumerate(contexts_and_questions):
+        assert torch.equal(answers[row], ctx.generate(question, max_new_tokens=new_tokens)[0]), f"row {row}"
+    return stacked
+
+
+@pytest.mark.parametrize("quantizer", [None, "kivi-4"])
+def test_separately_compressed_contexts_answer_in_one_batch_as_alone(quantizer):
+    model = tiny_model()
+    methods = [None, kvsqueeze.KNorm(ratio=0.5), kvsqueeze.AdaKV(ratio=0.5), kvsqueeze.SnapKV(ratio=0.75)]
+    compressed = [kvsqueeze.compress(model, None, ids, method, quantizer=quantizer)
+                  for ids, method in zip(contexts(), methods)]
+    questions = [random_ids(n, seed=30 + n)[0] for n in (3, 6, 4, 5)]
+    stacked = stacked_answers_equal_alone(model, list(zip(compressed, questions)) + [(compressed[1], questions[0])])
+    assert stacked.batch_size == 5 and stacked.stats.context_tokens == sum(LENGTHS) + LENGTHS[1]
+    rows = compressed + [compressed[1]]
+    for layer, kept in enumerate(stacked.cache.kept_per_head()):  # every row holds exactly its context's tokens
+        assert torch.equal(kept, torch.cat([ctx.cache.kept_per_head()[layer] for ctx in rows]))
+
+
+def test_pruned_key_channels_share_a_batch_with_pruned_ones():
+    model = tiny_model()
+    compressed = [kvsqueeze.compress(model, None, ids, kvsqueeze.ThinK(key_channel_ratio=0.5)) for ids in contexts()]
+    stacked_answers_equal_alone(model, [(ctx, random_ids(4, seed=50 + i)[0]) for i, ctx in enumerate(compressed)])
+    with pytest.raises(ValueError, match="pruned key channels"):
+        kvsqueeze.CompressedContext.stack([compressed[0], kvsqueeze.compress(model, None, contexts()[1])])
+
+
+def test_one_context_answers_several_questions_at_once():
+    model = tiny_model()
+    for method in (None, kvsqueeze.AdaKV(ratio=0.5)):
+        ctx = kvsqueeze.compress(model, None, contexts()[0], method, quantizer="kivi-2")
+        questions = [random_ids(n, seed=40 + n)[0] for n in (2, 5, 3)]
+        answers = ctx.generate(questions, max_new_tokens=4)
+        for row, question in enumerate(questions):
+            assert torch.equal(answers[row], ctx.generate(question, max_new_tokens=4)[0])
+
+
+def test_what_cannot_share_a_batch_is_refused():
+    model = tiny_model()
+    plain = kvsqueeze.compress(model, None, contexts()[0])
+    with pytest.raises(ValueError, match="different quantizers"):
+        kvsqueeze.CompressedContext.stack([plain, kvsqueeze.compress(model, None, contexts()[1], quantizer="kivi-4")])
+    with pytest.raises(ValueError, match="single contexts"):
+        kvsqueeze.CompressedContext.stack([plain, kvsqueeze.compress(model, None, contexts()[:2])])
+    with pytest.raises(ValueError, match="different models"):
+        kvsqueeze.CompressedContext.stack([plain, kvsqueeze.compress(tiny_model(), None, contexts()[1])])
+    gemma = tiny_model("gemma3")
+    with pytest.raises(ValueError, match="sliding-window"):
+        kvsqueeze.CompressedContext.stack([kvsqueeze.compress(gemma, None, ids) for ids in contexts()[:2]])
+    with pytest.raises(ValueError, match="no context"):
+        kvsqueeze.CompressedContext.stack([])

@@ -173,6 +173,9 @@ def make_attention(base: str) -> Callable:
         allowed = allowed_columns(attention_mask, layer.fresh)
         layer.observe(None if allowed is None else allowed[:, 0, -1, :], query.shape[-2])
         if hasattr(layer, "pages_k"):  # a ragged layer
+            if layer.fresh_valid is not None:  # what the layer knows to be padding, besides the mask
+                real = layer.fresh_valid.to(query.device)[:, None, None, :]
+                allowed = real if allowed is None else allowed & real
             if kwargs.get("softcap") is not None:
                 raise NotImplementedError("attention softcapping is not supported on head-wise (ragged) layers")
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5

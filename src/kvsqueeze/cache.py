@@ -116,7 +116,13 @@ class CompressibleLayer(MeasuredLayer):
             raise ValueError(f"inconsistent lengths: {self.stored} stored, {self.fresh} fresh, {self.seen} seen")
 
     def observe(self, valid: torch.Tensor | None, n_new: int) -> None:
-        """The attention function's report: validity of the fresh tokens, the last `n_new` being this forward's."""
+        """The attention function's report: validity of the fresh tokens as the mask gives it (None: all are real),
+        the last `n_new` being this forward's. The padding the layer already knew of among its older fresh tokens
+        stays padding (a stacked context's shorter tail: the mask cannot know of it)."""
+        known = self.fresh_valid
+        if known is not None:
+            valid = torch.ones(known.shape[0], self.fresh, dtype=torch.bool) if valid is None else valid.clone()
+            valid[:, : known.shape[1]] &= known.to(valid.device)
         if valid is not None and bool(valid.all()):
             valid = None
         if valid is not None:
@@ -239,6 +245,13 @@ class EvictingLayer(CompressibleLayer, DynamicLayer):
             self.values = self.values.gather(2, index.expand(-1, -1, -1, self.values.shape[-1]))
         return self
 
+    def as_ragged(self, page_size: int | None = None) -> MeasuredLayer:
+        """The RaggedLayer holding this layer's real tokens (quantized, with a quantizer)."""
+        from .ragged import RaggedLayer
+
+        return RaggedLayer.from_dense(self.keys, self.values, self.real_mask(), self.seen, page_size,
+                                      codec=self.codec).inherit(self)
+
     def prune_key_channels(self, channels: torch.Tensor) -> MeasuredLayer:
         """Keep only `channels` [batch, kv_heads, kept_dim] of the keys: returns the (ragged) layer holding them."""
         from .ragged import RaggedLayer
@@ -347,6 +360,28 @@ class SqueezeCache(Cache):
     def prune_key_channels(self, layer_idx: int, channels: torch.Tensor) -> None:
         """Layer `layer_idx` keeps only `channels` [batch, kv_heads, kept_dim] of its keys (ThinK)."""
         self.layers[layer_idx] = self.layers[layer_idx].prune_key_channels(channels)
+
+    @classmethod
+    def stack(cls, caches: list["SqueezeCache"]) -> "SqueezeCache":
+        """The rows of `caches` (of one model) as one batch, to generate for them at once: each compressible layer
+        becomes a RaggedLayer holding every row's tokens exactly as it held them (quantized pages are moved, not
+        stored again); a context that has seen fewer tokens gets left padding, which is never stored. Raises
+        ValueError for what cannot share a batch (sliding-window layers, different quantizers)."""
+        from .ragged import RaggedLayer, page_size_for
+
+        layers = []
+        for i, group in enumerate(zip(*(cache.layers for cache in caches))):
+            if not all(isinstance(layer, CompressibleLayer) for layer in group):
+                raise ValueError(f"layer {i} is a {type(group[0]).__name__}: contexts of a model with sliding-window "
+                                 "layers cannot share a batch")
+            ragged = [layer.as_ragged() for layer in group]
+            if all(layer.codec is None for layer in ragged):
+                size = page_size_for(torch.cat([layer.lengths.flatten() for layer in ragged]).float().mean().item())
+                ragged = [layer.as_ragged(size) for layer in ragged]
+            layers.append(RaggedLayer.stack(ragged))
+        if not layers or len({len(cache.layers) for cache in caches}) != 1:
+            raise ValueError("only caches of one model can share a batch")
+        return cls(layers=layers)
 
     def fork(self) -> "SqueezeCache":
         """A copy that shares every tensor with this cache; updating it leaves this cache as it is."""

@@ -261,6 +261,32 @@ class CompressedContext:
         self.context_mask = context_mask
         self.check_window = check_window  # False: questions may go past the model's window too (measurements)
 
+    @classmethod
+    def stack(cls, contexts: list["CompressedContext"]) -> "CompressedContext":
+        """Single contexts of one model as one batch, a row each in order (a context may appear several times):
+        `generate` / `ask` with one question per row then answers them all in one batched `generate`. Each row
+        holds exactly its context's cache (see `SqueezeCache.stack`), so it answers as its context alone does.
+        Raises ValueError for contexts that cannot share a batch (another model, a batch, sliding-window layers,
+        different quantizers)."""
+        if not contexts:
+            raise ValueError("no context to stack")
+        first = contexts[0]
+        for ctx in contexts:
+            if ctx.model is not first.model:
+                raise ValueError("contexts of different models cannot share a batch")
+            if ctx.batch_size != 1:
+                raise ValueError(f"stack takes single contexts; got a batch of {ctx.batch_size}")
+            if ctx.cache.get_seq_length() != ctx.logical_length:
+                raise ValueError("a context whose positions follow its cache (a rolling window) cannot share a batch")
+        cache = SqueezeCache.stack([ctx.cache for ctx in contexts])
+        rows = [ctx.context_ids[0] for ctx in contexts]
+        ids, mask = left_pad(rows, pad_id(first.model, first.tokenizer))
+        quantizers = {json.dumps(ctx.stats.quantizer) for ctx in contexts}
+        stats = measure(cache, rows, sum(ctx.stats.seconds for ctx in contexts), None)
+        stats.quantizer = first.stats.quantizer if len(quantizers) == 1 else None
+        return cls(first.model, first.tokenizer, cache, ids, None, first.prompt, stats,
+                   None if bool(mask.all()) else mask, all(ctx.check_window for ctx in contexts))
+
     @property
     def batch_size(self) -> int:
         return self.context_ids.shape[0]
@@ -276,16 +302,22 @@ class CompressedContext:
                  **generate_kwargs) -> torch.Tensor:
         """`model.generate` on a fork of the cache; returns only the new tokens, [sequences, new].
 
-        `question_ids` is one question for every row, or a list with one per row of a batch.
+        `question_ids` is one question for every row, or a list with one per row of a batch (for a single context, a
+        list of several questions is answered at once, one batch row each).
         `decode_method` (e.g. `DecodingBudget`, `H2O`, `RollingStreamingLLM`) keeps compressing while generating.
         """
         questions = list(question_ids) if isinstance(question_ids, (list, tuple)) else [question_ids] * self.batch_size
+        cache, context_ids, context_mask = self.cache.fork(), self.context_ids, self.context_mask
         if len(questions) != self.batch_size:
-            raise ValueError(f"{len(questions)} questions for a batch of {self.batch_size} contexts")
+            if self.batch_size != 1:
+                raise ValueError(f"{len(questions)} questions for a batch of {self.batch_size} contexts")
+            cache.batch_repeat_interleave(len(questions))  # one context, several questions at once
+            context_ids = context_ids.expand(len(questions), -1)
+            context_mask = None if context_mask is None else context_mask.expand(len(questions), -1)
         pad = pad_id(self.model, self.tokenizer)
         question, question_mask = left_pad([torch.as_tensor(q).reshape(-1) for q in questions], pad)
-        ids = torch.cat([self.context_ids, question], dim=1)
-        mask = torch.cat([torch.ones_like(self.context_ids) if self.context_mask is None else self.context_mask,
+        ids = torch.cat([context_ids, question], dim=1)
+        mask = torch.cat([torch.ones_like(context_ids) if context_mask is None else context_mask,
                           question_mask], dim=1)
         if self.check_window:
             check_fits(self.model, int(mask.sum(-1).max()))
@@ -295,7 +327,6 @@ class CompressedContext:
             kwargs.setdefault("temperature", None)
             kwargs.setdefault("top_p", None)
             kwargs.setdefault("top_k", None)
-        cache = self.cache.fork()
         # generate expands the inputs for beams and multiple sequences, but not a cache it is given
         defaults = self.model.generation_config
         expand = max(kwargs.get("num_beams", defaults.num_beams or 1),

@@ -23,6 +23,13 @@ def page_size_for(mean_tokens: float) -> int:
     return int(min(128, max(16, 2 ** round(math.log2(max(mean_tokens, 1) / 64)))))
 
 
+def left_padded(states: torch.Tensor, length: int, dim: int = -2) -> torch.Tensor:
+    """`states` with zeros (False) prepended along `dim` up to `length`."""
+    shape = list(states.shape)
+    shape[dim] = length - shape[dim]
+    return torch.cat([states.new_zeros(shape), states], dim=dim)
+
+
 class RaggedLayer(CompressibleLayer, CacheLayerMixin):
     """Per-head budgets that save real memory: packed pages per (batch row, KV head), plus a dense tail."""
 
@@ -259,23 +266,87 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         return RaggedLayer.from_dense(keys, values, real, self.seen, self.page_size, key_channels=channels,
                                       codec=self.codec).inherit(self)
 
-    def _rebuild(self, batch_index: torch.Tensor) -> None:
+    def as_ragged(self, page_size: int | None = None) -> "RaggedLayer":
+        """This layer, with pages of `page_size` tokens (None: as they are). Repacking is exact: only unquantized
+        pages, with no recent tokens in the tail, are repacked."""
+        if page_size in (None, self.page_size):
+            return self
+        if self.codec is not None or self.fresh:
+            raise ValueError("a quantized layer, or one holding tokens after its compression, keeps its pages")
         keys, values, real = self.dense_view()
-        channels = self.channels()
-        rebuilt = RaggedLayer.from_dense(keys[batch_index], values[batch_index], real[batch_index], self.seen,
-                                         self.page_size, None if channels is None else channels[batch_index],
-                                         self.codec)
-        rebuilt.inherit(self).pads = None if self.pads is None else self.pads[batch_index]
-        self.__dict__.update(rebuilt.__dict__)
+        return RaggedLayer.from_dense(keys, values, real, self.seen, page_size, key_channels=self.channels()
+                                      ).inherit(self)
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep the batch rows `index` [new batch] (repeated, reordered or a subset), exactly: pages are moved, never
+        decoded and stored again, so a quantized layer keeps its bits."""
+        index = index.to(self.page_segment.device)
+        pages, segments = [], []
+        row_of_page, head_of_page = self.page_segment // self.heads, self.page_segment % self.heads
+        for new_row, row in enumerate(index.tolist()):
+            own = (row_of_page == row).nonzero().flatten()  # in order: a segment's pages stay in token order
+            pages.append(own)
+            segments.append(new_row * self.heads + head_of_page[own])
+        pages, segment = torch.cat(pages), torch.cat(segments)
+        self.pages_k, self.pages_v = self.pages_k[pages], self.pages_v[pages]
+        self.page_segment, self.page_fill = segment, self.page_fill[pages]
+        self.lengths = self.lengths[index]
+        self.tail_k, self.tail_v = self.tail_k[index], self.tail_v[index]
+        if self.key_channels is not None:
+            self.key_channels = self.channels()[index].reshape(len(index) * self.heads, -1)
+        if self.fresh_valid is not None:
+            self.fresh_valid = self.fresh_valid[index.to(self.fresh_valid.device)]
+        if self.pads is not None:
+            self.pads = self.pads[index.to(self.pads.device)]
+        self.batch = len(index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._rebuild(beam_idx.to(self.pages_k.device))
+        self.select_rows(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._rebuild(torch.arange(self.batch, device=self.pages_k.device).repeat_interleave(repeats))
+        self.select_rows(torch.arange(self.batch).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._rebuild(indices.to(self.pages_k.device))
+        self.select_rows(indices)
+
+    @classmethod
+    def stack(cls, layers: list["RaggedLayer"]) -> "RaggedLayer":
+        """The rows of `layers` (same heads, page size, quantizer and tail length) as one batch, exactly: pages are
+        concatenated, never decoded. A layer that has seen fewer tokens gets left padding, which it never stores."""
+        first = layers[0]
+        for layer in layers[1:]:
+            if (layer.codec is None) != (first.codec is None) or (layer.codec and layer.codec.spec() != first.codec.spec()):
+                raise ValueError("layers stored by different quantizers cannot share a batch")
+            if (layer.heads, layer.head_dim, layer.page_size) != (first.heads, first.head_dim, first.page_size):
+                raise ValueError("these layers cannot share a batch: their heads or page sizes differ")
+            if (layer.key_channels is None) != (first.key_channels is None) or (
+                    layer.key_channels is not None and layer.key_channels.shape[-1] != first.key_channels.shape[-1]):
+                raise ValueError("layers with different pruned key channels cannot share a batch")
+        stacked = cls()
+        stacked.__dict__.update(first.__dict__)
+        segments_before = torch.tensor([0] + [layer.batch * layer.heads for layer in layers[:-1]]).cumsum(0).tolist()
+        stacked.page_segment = torch.cat([layer.page_segment + offset for layer, offset in zip(layers, segments_before)])
+        stacked.page_fill = torch.cat([layer.page_fill for layer in layers])
+        pages_k, pages_v = first.pages_k, first.pages_v
+        for layer in layers[1:]:
+            pages_k = pages_k.cat(layer.pages_k) if first.codec else torch.cat([pages_k, layer.pages_k])
+            pages_v = pages_v.cat(layer.pages_v) if first.codec else torch.cat([pages_v, layer.pages_v])
+        stacked.pages_k, stacked.pages_v = pages_k, pages_v
+        stacked.lengths = torch.cat([layer.lengths for layer in layers])
+        tail = max(layer.fresh for layer in layers)  # shorter tails are left-padded, their padding marked unreal
+        stacked.tail_k = torch.cat([left_padded(layer.tail_k, tail) for layer in layers])
+        stacked.tail_v = torch.cat([left_padded(layer.tail_v, tail) for layer in layers])
+        if first.key_channels is not None:
+            stacked.key_channels = torch.cat([layer.key_channels for layer in layers])
+        stacked.batch = sum(layer.batch for layer in layers)
+        stacked.seen = max(layer.seen for layer in layers)
+        pads = stacked.seen - torch.cat([layer.row_lengths(layer.batch) for layer in layers])
+        stacked.pads = pads if bool(pads.any()) else None
+        real = torch.cat([left_padded(layer.fresh_real(layer.batch, 1, layer.tail_k.device), tail, dim=-1)[:, 0]
+                          for layer in layers])
+        stacked.fresh_valid = None if bool(real.all()) else real
+        stacked.peak_bytes = sum(layer.peak_bytes for layer in layers)
+        return stacked
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0 or -tokens_to_remove > self.tail_k.shape[-2]:

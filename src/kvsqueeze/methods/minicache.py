@@ -117,7 +117,8 @@ class MergedLayer(EvictingLayer):
     def unsupported(self, *args, **kwargs):
         raise NotImplementedError("MiniCache layers cannot be compressed further, saved, or expanded for beams")
 
-    keep = prune_key_channels = to_saved = reorder_cache = batch_repeat_interleave = batch_select_indices = unsupported
+    keep = prune_key_channels = as_ragged = to_saved = reorder_cache = batch_repeat_interleave = batch_select_indices = \
+        unsupported
 
 
 class MiniCache(Method):
