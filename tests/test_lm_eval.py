@@ -195,3 +195,19 @@ def test_kvsqueeze_lm_eval_runs_lm_evals_command_line(capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "kvsqueeze_choice" in out and "acc" in out and "'method': 'streaming_llm'" in out
+
+
+def test_rolling_loglikelihood_compresses_what_each_window_is_given(bundled, compressions):
+    """lm-eval scores a text in windows of max_length tokens, each from the context its window leaves (one token
+    for a full window, so nothing to compress); without a method, the same log-likelihood as lm-eval's hf."""
+    model, tokenizer = bundled
+    text = "The lighthouse keeper's stew uses seven bay leaves, picked from the garden of the old customs house."
+    request = Instance(request_type="loglikelihood_rolling", doc={}, idx=0, arguments=(text,))
+    theirs = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2, max_length=12).loglikelihood_rolling(
+        [request], True)
+    none = make_lm(bundled, max_length=12).loglikelihood_rolling([request], True)
+    assert none[0] == pytest.approx(theirs[0], abs=1e-3)
+    compressions.clear()
+    make_lm(bundled, method="snapkv", ratio=0.5, max_length=12).loglikelihood_rolling([request], True)
+    tokens = len(tokenizer(text).input_ids)  # 20 tokens: a full window of 12, then the last 8 after 5 of context
+    assert tokens == 20 and [rows for _, rows in compressions] == [[tokenizer(text).input_ids[7:11]]]

@@ -17,10 +17,12 @@ Protocol (what is compressed):
   header stays with its question); a prompt without TEXT falls back to `query_tokens`. The uncompressed end
   is then fed on the compressed cache and the answer generated there (`CompressedContext.generate`). A prompt
   of at most `query_tokens` tokens has nothing to compress and is answered with the model alone.
-- `loglikelihood` (and `loglikelihood_rolling`, window by window): the context is compressed, all of it but
-  its last token, whose logits predict the first token of the continuation; the last context token and the
-  continuation are then fed on the compressed cache in one forward and the continuation scored there. A
-  context of one token has nothing to compress and is scored with the model alone.
+- `loglikelihood`: the context is compressed, all of it but its last token, whose logits predict the first
+  token of the continuation; the last context token and the continuation are then fed on the compressed cache
+  in one forward and the continuation scored there. A context of one token has nothing to compress and is
+  scored with the model alone. `loglikelihood_rolling` (perplexity tasks) is scored by lm-eval in windows of
+  `max_length` tokens, each from the context its window leaves: one token for a full window, so only a last,
+  shorter window has a context to compress (`kvsqueeze eval -b perplexity` compresses as the cache grows).
 
 Decode-time methods (`phase == "decode"`, e.g. `decoding_budget`, `h2o`) keep the cache within their budget
 while `generate_until` generates; nothing is compressed at prefill then. With `method=none` nothing is
