@@ -72,7 +72,8 @@ def kept_positions(ctx, row: int = 0, reference=None) -> torch.Tensor:
         raise ValueError("the reference is not the same context, uncompressed: compress the same text with method=None")
     method = ctx.method
     if ctx.stats.quantizer is not None and not (method is not None and method.decides_after_prefill()):
-        ctx, row = (reference if method is None else compress(ctx.model, None, ids[None], method, check_window=False)), 0
+        ctx = reference if method is None else compress(ctx.model, None, ids[None], method, check_window=False)
+        row = 0
     layers = []
     for mine, theirs in zip(ctx.cache.layers, reference.cache.layers, strict=True):
         keys, values, real = held_tokens(mine)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -205,7 +206,8 @@ class KVSqueezeLM(HFLM):
     # -- generate_until --
 
     def query_start(self, ids: list[int]) -> int:
-        """Where the uncompressed end of a prompt starts: at `split`'s last occurrence, else `query_tokens` from the end."""
+        """Where the uncompressed end of a prompt starts: at `split`'s last occurrence, else `query_tokens` tokens
+        from its end."""
         if self.split is not None:
             found = split_point(self.tokenizer, ids, self.split)
             if found is not None:
@@ -239,7 +241,8 @@ class KVSqueezeLM(HFLM):
             new |= {i: tokens.tolist() for i, tokens in zip(compressible, out)}
         for i in (i for i, start in enumerate(starts) if start == 0):  # nothing to compress: the model alone
             ids = torch.tensor([rows[i]], device=self.model.device)
-            with torch.no_grad():
+            decoding = self.decode_method.apply(self.model) if self.decode_method is not None else nullcontext()
+            with torch.no_grad(), decoding:
                 out = self.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **kwargs)
             new[i] = out[0, ids.shape[1]:].tolist()
         width = max(len(tokens) for tokens in new.values())
@@ -247,10 +250,10 @@ class KVSqueezeLM(HFLM):
         return torch.cat([context, generated.to(context.device)], dim=1)
 
     def get_model_info(self) -> dict:
-        return super().get_model_info() | {"kvsqueeze_method": repr(self.method),
-                                           "kvsqueeze_quantizer": None if self.quantizer is None else self.quantizer.spec(),
-                                           "kvsqueeze_protocol": {"query_tokens": self.query_tokens, "split": self.split,
-                                                                  "chunk_size": self.chunk_size}}
+        protocol = {"query_tokens": self.query_tokens, "split": self.split, "chunk_size": self.chunk_size}
+        return super().get_model_info() | {
+            "kvsqueeze_method": repr(self.method), "kvsqueeze_protocol": protocol,
+            "kvsqueeze_quantizer": None if self.quantizer is None else self.quantizer.spec()}
 
 
 def command_line(argv: list[str]) -> int:
