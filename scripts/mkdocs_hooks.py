@@ -64,7 +64,8 @@ def catalogue() -> str:
                 f"| calibration | {calibration(cls)} |",
                 f"| settings | {settings(cls)} |"]
         if body:
-            out += ["", '??? note "From its docstring"', ""] + [f"    {line}" if line else "" for line in body.split("\n")]
+            indented = [f"    {line}" if line else "" for line in body.split("\n")]
+            out += ["", '??? note "From its docstring"', ""] + indented
     return "\n".join(out) + "\n"
 
 

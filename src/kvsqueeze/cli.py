@@ -24,7 +24,7 @@ from . import methods as method_registry
 from . import quantizers
 from .models import DEFAULT_MODEL
 
-DEFAULT_METHOD = "streaming_llm"  # the most robust here: see the needle table in the README
+DEFAULT_METHOD = "streaming_llm"  # the most robust here: see the needle table in docs/evaluation.md
 DEMO_QUESTION = "How many bay leaves does the lighthouse keeper's secret fish stew recipe use?"
 
 
