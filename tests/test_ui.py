@@ -96,6 +96,19 @@ def test_asking_an_unknown_document_or_nothing(client):
     assert response.status_code == 400 and "not JSON" in response.json()["error"]
 
 
+def test_the_app_can_be_mounted_under_a_prefix():
+    """A larger server (kvsqueeze serve) mounts the page; every URL the page uses is relative."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    outer = TestClient(Starlette(routes=[Mount("/ui", app=create_app(model=object(), tokenizer=None))]))
+    assert outer.get("/ui", follow_redirects=False).headers["location"].endswith("/ui/")
+    assert outer.get("/ui/").status_code == outer.get("/ui/static/app.js").status_code == 200
+    assert outer.get("/ui/api/options").json()["default_method"] == "streaming_llm"
+    script = outer.get("/ui/static/app.js").text
+    assert 'fetch("/' not in script and "fetch('/" not in script  # no absolute URL
+
+
 def test_kvsqueeze_ui_is_a_command():
     assert cli.parser().parse_args(["ui", "--port", "8123"]).port == 8123
 
@@ -151,7 +164,8 @@ def test_the_page_compresses_the_demo_document_and_answers_twice(served, browser
 
     tokens = page.locator("#heatmap span.tok")
     assert tokens.count() > 3000  # the demo document, token by token, over its chat template
-    colours = page.eval_on_selector_all("#heatmap span.tok", "spans => new Set(spans.map(s => s.style.background)).size")
+    colours = page.eval_on_selector_all("#heatmap span.tok",
+                                        "spans => new Set(spans.map(s => s.style.background)).size")
     assert colours >= 2  # kept and evicted tokens look different
     assert "%" in page.inner_text("#bytes") and "MB" in page.inner_text("#bytes")
     assert page.eval_on_selector("#grid", "c => c.width") > 100
