@@ -100,7 +100,8 @@ def make_lm(bundled, **kwargs):
 
 def test_loglikelihood_compresses_the_context_but_its_last_token(bundled, compressions):
     lm = make_lm(bundled, method="streaming_llm", ratio=0.5)
-    context, continuation = lm.tok_encode("The red fox jumped over the lazy dog in the old yard."), lm.tok_encode(" Yes")
+    context = lm.tok_encode("The red fox jumped over the lazy dog in the old yard.")
+    continuation = lm.tok_encode(" Yes")
     [(logprob, _)] = lm._loglikelihood_tokens([(None, context, continuation)], disable_tqdm=True)
     [(ctx, rows)] = compressions
     assert rows == [context[:-1]]
