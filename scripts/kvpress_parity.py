@@ -42,10 +42,10 @@ def kept_by_kvsqueeze(model, ids, method):
     kept = {}
     original = EvictingLayer.keep
 
-    def recording_keep(layer, mask):
+    def recording_keep(layer, mask, keys=None, values=None):
         index = next(i for i, l in enumerate(cache_layers) if l is layer)
         kept[index] = [row.nonzero().flatten().tolist() for row in mask[0]]
-        return original(layer, mask)
+        return original(layer, mask, keys, values)
 
     EvictingLayer.keep = recording_keep
     try:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 from pathlib import Path
@@ -27,13 +28,9 @@ def registry() -> dict:
 
 
 def settings(cls) -> str:
-    """The constructor's parameters with their defaults, as code."""
-    shown = []
-    for name, parameter in inspect.signature(cls).parameters.items():
-        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            continue
-        default = "" if parameter.default is parameter.empty else f"={parameter.default!r}"
-        shown.append(f"`{name}{default}`")
+    """The method's settings (its dataclass fields) with their defaults, as code."""
+    shown = [f"`{f.name}`" if f.default is dataclasses.MISSING else f"`{f.name}={f.default!r}`"
+             for f in dataclasses.fields(cls)]
     return ", ".join(shown) or "—"
 
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import kvsqueeze
-from kvsqueeze import attention
 from conftest import cached, random_ids, tiny_model
 
 
@@ -21,7 +20,7 @@ def test_a_question_at_once_equals_the_question_token_by_token(family, attn):
     lengths = [layer.stored for layer in ctx.cache.layers if isinstance(layer, kvsqueeze.EvictingLayer)]
     assert len(set(lengths)) > 1, "the layers must hold different numbers of tokens"
     question = random_ids(6, seed=5)
-    with torch.no_grad():
+    with torch.no_grad(), kvsqueeze.attached(model):
         at_once = model(question, **cached(ctx.cache.fork())).logits
         cache = ctx.cache.fork()
         one_by_one = torch.cat([model(question[:, i:i + 1], **cached(cache)).logits for i in range(6)], 1)
@@ -59,13 +58,29 @@ def test_sampling_streaming_stop_strings_and_beams_run_on_a_compressed_context(b
     assert isinstance(beams, str) and len(several) == 2 and ctx.cache.layers[0].keys.shape[0] == 1
 
 
-def test_the_kvsqueeze_attention_wraps_without_changing_anything():
-    model = tiny_model("llama")
+@pytest.mark.compat
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_the_kvsqueeze_attention_wraps_without_changing_anything_and_is_given_back(attn):
+    model = tiny_model("llama", attn=attn)
     ids = random_ids(30)
     with torch.no_grad():
         plain = model(ids).logits
-        name = attention.install(model)
-        wrapped = model(ids).logits
-    assert name == "kvsqueeze_sdpa" and torch.equal(plain, wrapped)
-    attention.uninstall(model)
-    assert model.config._attn_implementation == "sdpa"
+        with kvsqueeze.attached(model):
+            assert model.config._attn_implementation == f"kvsqueeze_{attn}"
+            wrapped = model(ids).logits
+            with kvsqueeze.KNorm(ratio=0.5).apply(model):  # attachments nest: the outer one still holds
+                pass
+            assert model.config._attn_implementation == f"kvsqueeze_{attn}"
+    assert torch.equal(plain, wrapped)
+    assert model.config._attn_implementation == attn and not model.model._forward_pre_hooks
+    ctx = kvsqueeze.compress(model, None, ids, kvsqueeze.SnapKV(ratio=0.5))
+    ctx.generate(random_ids(3, seed=1), max_new_tokens=2)
+    assert model.config._attn_implementation == attn  # left as it was found
+    assert all(not m._forward_hooks for m in model.modules()) and not model.model._forward_pre_hooks
+
+
+def test_a_compressed_cache_read_without_kvsqueeze_is_refused():
+    model = tiny_model("llama")
+    ctx = kvsqueeze.compress(model, None, random_ids(30), kvsqueeze.AdaKV(ratio=0.5))
+    with torch.no_grad(), pytest.raises(kvsqueeze.cache.UnreadCacheError, match="attached"):
+        model(random_ids(3), **cached(ctx.cache.fork()))

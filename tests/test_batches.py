@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kvsqueeze
-from kvsqueeze.pipeline import pack
+from kvsqueeze.layout import pack
 from conftest import build_method, random_ids, tiny_model
 
 LENGTHS = [50, 80, 65, 33]

@@ -31,7 +31,7 @@ def assert_same_cache(a, b):
 
 def shareable(model):
     methods = [build_method(name, 0.5, model) for name in RATIO_METHODS]
-    return [m for m in methods if not m.changes_prefill and m.phase != "decode"]
+    return [m for m in methods if not m.has("changes_prefill") and m.phase != "decode"]
 
 
 def test_one_prefill_gives_each_method_its_own_cache(family):
@@ -60,7 +60,7 @@ def test_quantizers_and_batches_of_different_lengths():
 
 class Widening(kvsqueeze.KNorm):
     name = ""
-    changes_prefill = True
+    declares = frozenset({"changes_prefill"})
 
 
 def test_a_method_that_changes_the_prefill_cannot_share_it():

@@ -2,7 +2,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvsqueeze.budgets import Pyramid, Uniform
+from kvsqueeze.budgets import Uniform
+from kvsqueeze.methods.pyramidkv import Pyramid
 
 
 @given(n=st.integers(1, 10_000), ratio=st.floats(0, 0.999))

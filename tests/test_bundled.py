@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import kvsqueeze
-from kvsqueeze import attention, cli
+from kvsqueeze import cli
 from kvsqueeze.evaluation.needle import needle_sample
 from conftest import build_method, cached
 
@@ -22,8 +22,8 @@ def test_ratio_zero_reproduces_the_bundled_model_exactly(bundled, name):
         ctx = kvsqueeze.compress(model, tokenizer, sample.context, build_method(name, 0.0, model))
         question = ctx.prompt.question_ids(sample.question)
         with torch.no_grad():
-            logits = model(question, **cached(ctx.cache.fork())).logits
-            attention.uninstall(model)
+            with kvsqueeze.attached(model):
+                logits = model(question, **cached(ctx.cache.fork())).logits
             cache = DynamicCache(config=model.config)
             model(ctx.context_ids, **cached(cache))
             expected = model(question, **cached(cache)).logits

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvsqueeze
-from kvsqueeze.cache import EvictingLayer, SqueezeCache, as_squeeze_cache
+from kvsqueeze.cache import EvictingLayer, SqueezeCache
+from kvsqueeze.convert import as_squeeze_cache
 from conftest import cached, output_cache, random_ids, tiny_model
 
 
@@ -65,7 +66,7 @@ def test_fork_shares_memory_and_leaves_the_original_untouched():
     before = [(layer.keys, layer.values, layer.seen) for layer in ctx.cache.layers]
     fork = ctx.cache.fork()
     assert all(a.keys is b.keys for a, b in zip(fork.layers, ctx.cache.layers))
-    with torch.no_grad():
+    with torch.no_grad(), kvsqueeze.attached(model):
         model(random_ids(5, seed=9), **cached(fork))
     assert fork.get_seq_length() == 45 and ctx.cache.get_seq_length() == 40
     for layer, (keys, values, seen) in zip(ctx.cache.layers, before):

@@ -9,8 +9,8 @@ from transformers import DynamicCache
 import kvsqueeze
 from kvsqueeze.budgets import top_k_per_head
 from kvsqueeze.evaluation.needle import needle_sample
-from kvsqueeze.methods.lukv import (GLOBAL_RATIOS, CurveBudget, _ScoreRecorder, allocate, antitonic, budget_curves,
-                                    calibrate_lukv, default_scorer, load_curves, oracle_importance)
+from kvsqueeze.methods.lukv import (GLOBAL_RATIOS, CurveBudget, allocate, antitonic, budget_curves, calibrate_lukv,
+                                    load_curves, oracle_importance)
 from kvsqueeze.budgets import Uniform
 from conftest import cached, layer_types, random_ids, tiny_model
 
@@ -114,10 +114,11 @@ def test_without_curves_every_head_keeps_the_same_share_and_a_warning_says_how_t
 
 def test_settings():
     method = kvsqueeze.LUKV(ratio=0.3, curves="curves.safetensors")
-    assert method.describe() == {"ratio": 0.3, "curves": "curves.safetensors", "scorer": "expected_attention",
-                                 "window": 1}
+    settings = method.settings()
+    assert settings.pop("scorer").startswith("ExpectedAttention(")
+    assert settings == {"ratio": 0.3, "curves": "curves.safetensors", "window": 1}
     assert method.scorer.epsilon == 0.02 and method.scorer.n_sink == 4
-    assert kvsqueeze.LUKV(budget=64, scorer="snapkv", window=0).describe()["scorer"] == "snapkv"
+    assert kvsqueeze.LUKV(budget=64, scorer="snapkv", window=0).scorer.name == "snapkv"
 
 
 # The oracle
@@ -125,11 +126,9 @@ def test_settings():
 def test_oracle_importance_is_the_most_attention_times_output_norm_of_any_answer_step():
     model = tiny_model("llama", attn="eager")
     context, question, answer = random_ids(30, seed=1), random_ids(4, seed=2), random_ids(5, seed=3)[0]
-    recorder = _ScoreRecorder(default_scorer(), window=1)
-    compressed = kvsqueeze.compress(model, None, context, recorder)
+    compressed = kvsqueeze.compress(model, None, context)
     oracle = oracle_importance(model, compressed, question, answer, [0, 1, 2, 3])
 
-    kvsqueeze.attention.uninstall(model)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         out = model(torch.cat([context, question, answer[None]], 1), **cached(cache), output_attentions=True)

@@ -11,7 +11,8 @@ import kvsqueeze
 from kvsqueeze import calibration, compress
 from kvsqueeze.cache import EvictingLayer, SqueezeCache
 from kvsqueeze.cli import main
-from kvsqueeze.hooks import LayerContext, attention_modules
+from kvsqueeze.context import LayerContext, last_queries_attention
+from kvsqueeze.models import attention_modules
 from kvsqueeze.methods.base import Method
 from conftest import build_method, random_ids, tiny_model
 from test_batches import assert_rows_equal_alone
@@ -66,7 +67,7 @@ def test_cur_local_windows_rank_each_token_within_its_window():
 def test_cur_sinks_are_kept_however_small_and_settings_are_checked():
     keys = with_norms(random_states(8, 3), [0.01, 0.01] + [1.0] * 6)
     assert kept(kvsqueeze.CUR(budget=4, n_sink=2), keys)[0][:2] == [0, 1]
-    assert kvsqueeze.CUR(sketch_dimension=20).describe()["sketch_dimension"] == 20
+    assert kvsqueeze.CUR(sketch_dimension=20).settings()["sketch_dimension"] == 20
     with pytest.raises(ValueError, match="leverage_type"):
         kvsqueeze.CUR(leverage_type="keys")
 
@@ -167,7 +168,7 @@ class AttentionProbe(Method):
         self.layers = {}
 
     def compress(self, ctx):
-        self.layers[ctx.layer_idx] = (ctx.per_kv_head(ctx.last_queries_attention(64))[0].mean(1), ctx.keys[0].float())
+        self.layers[ctx.layer_idx] = (ctx.per_kv_head(last_queries_attention(ctx, 64))[0].mean(1), ctx.keys[0].float())
 
 
 def spearman(a, b):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kvsqueeze
-from kvsqueeze.pipeline import chunks
+from kvsqueeze.layout import chunks
 from conftest import forward_cache, random_ids, tiny_model
 
 

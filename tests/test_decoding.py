@@ -56,7 +56,7 @@ def test_h2o_keeps_heavy_hitters_and_recent_tokens_within_its_budget():
     cache = output_cache(out)
     assert cache.get_seq_length() == 149
     assert all(layer.stored == 50 for layer in cache.layers)
-    accumulated = cache.layers[0].state["h2o"]
+    accumulated = cache.layers[0].recall("h2o")
     assert accumulated.shape == (1, 2, 50) and bool((accumulated > 0).all())
 
 

@@ -6,9 +6,10 @@ import torch.nn.functional as F
 
 import kvsqueeze
 from kvsqueeze.cache import EvictingLayer, SqueezeCache
-from kvsqueeze.hooks import LayerContext, attention_modules
+from kvsqueeze.context import LayerContext, last_queries_attention
+from kvsqueeze.models import attention_modules
 from kvsqueeze.methods.cam import merge_into_next
-from kvsqueeze.methods.minicache import MergedLayer, MergedPair, slerp
+from kvsqueeze.merged import MergedLayer, MergedPair, slerp
 from conftest import forward_cache, output_cache, random_ids, tiny_model
 
 MODEL = tiny_model("llama")  # 4 query heads, 2 KV heads, head_dim 16
@@ -18,7 +19,7 @@ def context(keys, values=None, queries=None):
     cache = SqueezeCache(layers=[EvictingLayer()])
     cache.layers[0].update(keys, torch.ones_like(keys) if values is None else values)
     hidden = torch.zeros(keys.shape[0], keys.shape[2], MODEL.config.hidden_size)
-    return LayerContext(module=attention_modules(MODEL)[0], cache=cache, hidden_states=hidden, captured_queries=queries)
+    return LayerContext(module=attention_modules(MODEL)[0], cache=cache, hidden_states=hidden, observed_queries=queries)
 
 
 def kept_positions(ctx, original):
@@ -92,7 +93,7 @@ def test_scissorhands_keeps_the_persistently_important_tokens_and_the_recent_win
     method = kvsqueeze.Scissorhands(budget=8, history_window=4, recent_window=2, drop_ratio=0.5)
     method.compress(ctx)  # 10 tokens > 8: keeps 4, the 2 recent ones and the 2 least often unimportant
     assert kept_positions(ctx, keys) == [[1, 4, 8, 9]] * 2
-    assert torch.equal(ctx.layer.state["scissorhands"], torch.zeros(1, 2, 4))  # counting starts again
+    assert torch.equal(ctx.layer.recall("scissorhands"), torch.zeros(1, 2, 4))  # counting starts again
 
 
 def test_scissorhands_counts_only_the_history_window():
@@ -121,7 +122,7 @@ def test_scissorhands_holds_its_budget_while_generating():
     # the prompt leaves 25 (half the budget dropped); 26 steps later a drop again to 25, then 3 more steps
     assert held == [25] + [25 + k if k <= 25 else 25 + k - 26 for k in range(1, 30)]
     assert all(layer.stored == 28 for layer in cache.layers)
-    assert cache.layers[0].state["scissorhands"].shape == (1, 2, 28)
+    assert cache.layers[0].recall("scissorhands").shape == (1, 2, 28)
 
 
 # CAM

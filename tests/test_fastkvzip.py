@@ -101,7 +101,7 @@ def test_ratio_zero_reproduces_the_model_exactly(family):
     model = tiny_model(family)
     context, question = random_ids(60, seed=1), random_ids(5, seed=2)
     method = kvsqueeze.FastKVzip(ratio=0.0, gates=Gates.for_model(model))
-    with torch.no_grad():
+    with torch.no_grad(), kvsqueeze.attached(model):
         expected = model(question, **cached(kvsqueeze.compress(model, None, context).cache.fork())).logits
         logits = model(question, **cached(kvsqueeze.compress(model, None, context, method).cache.fork())).logits
     assert torch.equal(logits, expected)
@@ -117,7 +117,7 @@ def test_half_the_cache_is_really_freed_on_every_family(family):
     assert len({int(h) for k in kept for h in k}) > 1  # heads keep different numbers of tokens
     assert sum(layer.nbytes() for layer in layers) <= 0.5 * 1.25 * sum(layer.peak_bytes for layer in layers)
     assert all(layer.get_seq_length() == 120 for layer in layers)
-    with torch.no_grad():
+    with torch.no_grad(), kvsqueeze.attached(model):
         assert torch.isfinite(model(random_ids(5, seed=4), **cached(ctx.cache.fork())).logits).all()
 
 
@@ -198,7 +198,7 @@ def test_gates_train_on_the_bundled_model_round_trip_and_answer(bundled, tmp_pat
     assert not torch.equal(loaded(4, x), Gates.for_model(model)(4, x))  # trained
     sample = needle_sample(tokenizer, 300, 0.5, seed=7)
     ctx = kvsqueeze.compress(model, tokenizer, sample.context, kvsqueeze.FastKVzip(ratio=0.5, gates=str(path)))
-    assert ctx.method.describe() == {"ratio": 0.5, "gates": str(path), "level": "pair", "n_sink": 4,
+    assert ctx.method.settings() == {"ratio": 0.5, "gates": str(path), "level": "pair", "n_sink": 4,
                                      "window_ratio": 0.02, "window_size": 4096}
     assert ctx.stats.compression_ratio == pytest.approx(0.5, abs=0.01)
     assert ctx.stats.bytes_held <= 0.56 * ctx.stats.bytes_uncompressed

@@ -6,7 +6,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import kvsqueeze
 from kvsqueeze.cache import EvictingLayer, SqueezeCache
-from kvsqueeze.hooks import LayerContext, attention_modules
+from kvsqueeze.context import LayerContext, last_queries_attention
+from kvsqueeze.models import attention_modules
 from kvsqueeze.methods.expected_attention import mean_rotation
 from conftest import tiny_model
 
@@ -18,7 +19,7 @@ def context(keys, values=None, queries=None, weights=None):
     cache.layers[0].update(keys, torch.ones_like(keys) if values is None else values)
     hidden = torch.zeros(keys.shape[0], keys.shape[2], MODEL.config.hidden_size)
     return LayerContext(module=attention_modules(MODEL)[0], cache=cache, hidden_states=hidden,
-                        captured_queries=queries, attention_weights=weights)
+                        observed_queries=queries, attention_weights=weights)
 
 
 def kept(method, ctx):
@@ -28,7 +29,7 @@ def kept(method, ctx):
 
 def kept_positions(ctx):
     """Recover positions by matching kept keys to the originals (keys are made unique in these tests)."""
-    keys, _, real = ctx.stored()
+    keys, _, real = ctx.view()
     rows = [keys[0, h] if real is None else keys[0, h][real[0, h]] for h in range(ctx.n_kv_heads)]
     return [torch.cdist(row, ORIGINAL[id(ctx)][0, h]).argmin(-1) for h, row in enumerate(rows)]
 
@@ -250,7 +251,7 @@ def test_composed_methods_each_compress_what_the_previous_one_left():
     chain = kvsqueeze.Composed([kvsqueeze.StreamingLLM(budget=6, n_sink=2), kvsqueeze.KNorm(budget=3)])
     assert kept(chain, make(unique_keys(10, norms))) == [[1, 7, 9]] * 2
     built = kvsqueeze.methods.build("composed", params=['methods=["streaming_llm", "think:key_channel_ratio=0.5"]'])
-    assert [m.name for m in built.methods] == ["streaming_llm", "think"] and built.needs_whole_context
+    assert [m.name for m in built.methods] == ["streaming_llm", "think"] and built.has("whole_context")
 
 
 def test_a_chain_refuses_pre_rope_keys_after_an_earlier_method_compressed():

@@ -5,7 +5,6 @@ import torch
 from transformers import DynamicCache
 
 import kvsqueeze
-from kvsqueeze import attention
 from kvsqueeze.evaluation.needle import needle_sample
 from conftest import cached, random_ids, tiny_model
 
@@ -13,7 +12,6 @@ from conftest import cached, random_ids, tiny_model
 def eager_reference(ids: torch.Tensor, family: str = "llama"):
     """The plain eager model (same weights as tiny_model(family)) on `ids`: (attentions per layer, cache)."""
     model = tiny_model(family, attn="eager")
-    attention.uninstall(model)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         out = model(ids, **cached(cache), output_attentions=True)
@@ -134,7 +132,7 @@ def test_kvcompose_layers_are_dense_and_of_different_lengths(family):
 def test_extra_pass_methods_refuse_chunks_and_say_so(name):
     model = tiny_model()
     method = kvsqueeze.available()[name](ratio=0.5)
-    assert method.changes_prefill and method.needs_whole_context
+    assert method.has("changes_prefill") and method.has("whole_context")
     with pytest.raises(ValueError, match="chunk_size"):
         kvsqueeze.compress(model, None, random_ids(50), method, chunk_size=16)
 

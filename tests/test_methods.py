@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import kvsqueeze
-from kvsqueeze import attention, compress
+from kvsqueeze import compress
 from conftest import RATIO_METHODS, build_method, cached, head_table, random_ids, tiny_model
 
 ALL = sorted(kvsqueeze.available())
@@ -17,7 +17,6 @@ def attn_for(name):
 
 def reference(model, context, question, new_tokens=6):
     """The plain model, no kvsqueeze: context prefilled into a DynamicCache, then the question."""
-    attention.uninstall(model)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         model(context, **cached(cache))
@@ -29,7 +28,7 @@ def reference(model, context, question, new_tokens=6):
 
 def compressed(model, context, question, method, new_tokens=6):
     ctx = compress(model, None, context, method)
-    with torch.no_grad():
+    with torch.no_grad(), kvsqueeze.attached(model):
         logits = model(question, **cached(ctx.cache.fork())).logits
     return ctx, logits, ctx.generate(question, max_new_tokens=new_tokens)[0]
 

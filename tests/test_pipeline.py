@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import kvsqueeze
-from kvsqueeze.hooks import attention_modules
+from kvsqueeze.models import attention_modules
 from conftest import cached, output_cache, random_ids, tiny_model
 
 STORY = ("Maya keeps her bicycle in the blue shed behind the bakery. Every Tuesday she rides to the lake. "

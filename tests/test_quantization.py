@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvsqueeze
-from kvsqueeze.attention import ragged_attention
+from kvsqueeze.ragged import ragged_attention
 from kvsqueeze.quantizers import GEAR, KIVI, KVQuant, quantizer
 from kvsqueeze.quantizers.base import pack_bits, unpack_bits
 from kvsqueeze.ragged import RaggedLayer
@@ -79,7 +79,7 @@ def test_gear_low_rank_correction_lowers_the_error():
 def test_kivi_2_holds_at_most_a_fifth_of_the_fp16_bytes_of_the_quantized_tokens():
     keys, values = torch.randn(2, 3, 2000, 64), torch.randn(2, 3, 2000, 64)
     keep = torch.rand(2, 3, 2000, generator=torch.Generator().manual_seed(0)) < 0.6
-    layer = RaggedLayer.from_dense(keys, values, keep, seen=2000, codec=KIVI(bits=2))
+    layer = RaggedLayer.from_dense(keys, values, keep, seen=2000, quantizer=KIVI(bits=2))
     quantized = int(layer.lengths.sum())
     fp16_equivalent = quantized * 64 * 2 * 2
     pages = layer.pages_k.nbytes + layer.pages_v.nbytes + layer.page_segment.nbytes + layer.page_fill.nbytes
@@ -97,10 +97,10 @@ def test_attention_over_a_quantized_layer_equals_attention_over_what_it_decodes_
     dim = 16
     keys, values = torch.randn(batch, kv_heads, n, dim, generator=g), torch.randn(batch, kv_heads, n, dim, generator=g)
     keep = torch.rand(batch, kv_heads, n, generator=g) < 0.7
-    layer = RaggedLayer.from_dense(keys, values, keep, seen=n, codec=small(spec))
+    layer = RaggedLayer.from_dense(keys, values, keep, seen=n, quantizer=small(spec))
     for _ in range(decode_steps):  # single tokens; the tail is folded into quantized pages as it passes the window
         layer.update(torch.randn(batch, kv_heads, 1, dim, generator=g), torch.randn(batch, kv_heads, 1, dim, generator=g))
-        assert layer.tail_k.shape[-2] <= layer.codec.residual + layer.page_size
+        assert layer.tail_k.shape[-2] <= layer.quantizer.residual + layer.page_size
     new_k, new_v = torch.randn(batch, kv_heads, q_len, dim, generator=g), torch.randn(batch, kv_heads, q_len, dim, generator=g)
     layer.update(new_k, new_v)
     stored_k, stored_v, real = layer.dense_view()  # dequantized; the new tokens last, exact
@@ -117,7 +117,7 @@ def test_folded_tokens_come_back_in_order():
     keys = torch.randn(1, 2, 10, 8)
     keep = torch.ones(1, 2, 10, dtype=torch.bool)
     keep[0, 1, :5] = False
-    layer = RaggedLayer.from_dense(keys, keys, keep, seen=10, codec=codec)
+    layer = RaggedLayer.from_dense(keys, keys, keep, seen=10, quantizer=codec)
     new = [torch.randn(1, 2, 1, 8) for _ in range(12)]
     for token in new:
         layer.update(token, token)
@@ -142,7 +142,7 @@ def test_every_quantizer_runs_with_a_dense_and_a_head_wise_method(family, spec, 
     tokens = quantized.generate(question, max_new_tokens=12)
     assert tokens.shape[-1] == 12
     compressible = [layer for layer in quantized.cache.layers if not isinstance(layer, kvsqueeze.SlidingWindowLayer)]
-    assert all(isinstance(layer, RaggedLayer) and layer.codec is not None for layer in compressible)
+    assert all(isinstance(layer, RaggedLayer) and layer.quantizer is not None for layer in compressible)
 
 
 def test_quantized_chunked_prefill_stays_bounded_and_quantized():
@@ -216,12 +216,12 @@ def test_a_transformers_quantized_cache_is_compressed_by_methods():
     reference = torch.cat(cache.layers[0]._dequantize(cache.layers[0]._quantized_keys).unbind(0))
     compressed = kvsqueeze.l2_compress(cache, keep_ratio=0.5, prune_after=0, model=model)
     layer = compressed.layers[0]
-    assert isinstance(layer, RaggedLayer) and layer.codec.bits == 4 and layer.codec.residual == 16
+    assert isinstance(layer, RaggedLayer) and layer.quantizer.bits == 4 and layer.quantizer.residual == 16
     assert layer.kept_per_head().tolist() == [[40, 40]]
     kept, _, _ = layer.dense_view()
     assert all(torch.cdist(kept[0, h], reference[h]).amin(-1).max() < 0.1 for h in range(2))  # the backend's tokens
     assert compressed.nbytes() < 0.25 * 80 * 2 * 16 * 4 * 2 * 4  # 40 tokens x 2 heads, 4 bits, 4 layers
-    with torch.no_grad():
+    with torch.no_grad(), kvsqueeze.attached(model):
         assert torch.isfinite(model(random_ids(3, seed=2), **cached(compressed)).logits).all()
 
 
@@ -236,5 +236,5 @@ def test_generate_with_a_transformers_quantized_cache_under_a_method():
                              do_sample=False, return_dict_in_generate=True, pad_token_id=0)
     final = output_cache(out)
     assert isinstance(final, kvsqueeze.SqueezeCache)
-    assert all(isinstance(layer, RaggedLayer) and layer.codec.bits == 2 for layer in final.layers)
+    assert all(isinstance(layer, RaggedLayer) and layer.quantizer.bits == 2 for layer in final.layers)
     assert final.layers[0].kept_per_head().tolist() == [[30 + 4, 30 + 4]]  # half the context, then 4 generated

@@ -73,7 +73,7 @@ def test_entropy_gated_chunkkv_keeps_the_same_tokens_in_every_head(family):
 
 def test_entropy_gated_chunkkv_settings():
     method = kvsqueeze.EntropyGatedChunkKV(budget=64, scorer="knorm")
-    assert method.describe() == {"budget": 64, "scorer": "knorm", "chunk_length": 10, "low_entropy_chunk_length": 4}
+    assert method.settings() == {"budget": 64, "scorer": "KNorm(ratio=0.5)", "chunk_length": 10, "low_entropy_chunk_length": 4}
     with pytest.raises(ValueError, match="low_entropy_chunk_length"):
         kvsqueeze.EntropyGatedChunkKV(chunk_length=4, low_entropy_chunk_length=4)
 
@@ -109,7 +109,7 @@ def test_cap_always_keeps_the_sinks(family):
 
 
 def test_cap_settings():
-    assert kvsqueeze.Cap(ratio=0.3).describe() == {"ratio": 0.3, "tau": 5.0, "n_future_positions": 512, "n_sink": 4,
+    assert kvsqueeze.Cap(ratio=0.3).settings() == {"ratio": 0.3, "tau": 5.0, "n_future_positions": 512, "n_sink": 4,
                                                    "epsilon": 1e-6}
 
 
@@ -133,7 +133,6 @@ def test_bundled_end_to_end(bundled, method):
 def reference_kvgrad(model, context, n_sink):
     """A x ||W_o v|| x ||grad of sum ||h_last||^2 wrt the pre-MLP residual||, max over repeat queries and the
     group, from the plain model (eager attention weights, autograd): the context repeated after itself."""
-    kvsqueeze.attention.uninstall(model)
     model.set_attn_implementation("eager")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -184,4 +183,4 @@ def test_kvgrad_chooses_over_all_layers_and_heads():
     assert kept.sum() == 20 * kept.numel() and kept.min() >= 4
     by_head = kvsqueeze.compress(model, None, random_ids(60), kvsqueeze.KVgrad(budget=20, level="head"))
     assert all(layer.kept_per_head().tolist() == [[20, 20]] for layer in by_head.cache.layers)
-    assert kvsqueeze.KVgrad(ratio=0.3).describe() == {"ratio": 0.3, "level": "pair", "chunk_size": 512, "n_sink": 4}
+    assert kvsqueeze.KVgrad(ratio=0.3).settings() == {"ratio": 0.3, "level": "pair", "chunk_size": 512, "n_sink": 4, "plus": False}

@@ -23,7 +23,7 @@ def trained_like(model, seed: int = 0) -> RestoreAdapter:
 def greedy(model, cache, question: torch.Tensor, steps: int) -> list[int]:
     """Greedy decoding fed token by token onto `cache`, positions from the cache's logical length."""
     tokens = []
-    with torch.no_grad():
+    with torch.no_grad(), kvsqueeze.attached(model):
         logits = model(question, **cached(cache)).logits
         for _ in range(steps):
             tokens.append(int(logits[0, -1].argmax()))
@@ -36,7 +36,7 @@ def test_a_budget_that_keeps_everything_reproduces_the_model_exactly(family):
     context, question = random_ids(60, seed=1), random_ids(5, seed=2)
     ctx = kvsqueeze.compress(model, None, context, kvsqueeze.RestoreKV(ratio=0.0, adapter=trained_like(model)))
     assert ctx.logical_length == 60 and ctx.cache.get_seq_length() == 60  # no restore tokens
-    with torch.no_grad():
+    with torch.no_grad(), kvsqueeze.attached(model):
         expected = model(question, **cached(kvsqueeze.compress(model, None, context).cache.fork())).logits
         assert torch.equal(model(question, **cached(ctx.cache.fork())).logits, expected)
 
@@ -82,7 +82,8 @@ def test_the_adapter_changes_the_restore_pass_only():
     plain = kvsqueeze.compress(model, None, ids).cache
     with torch.no_grad():
         assert torch.equal(model(probe).logits, before)  # no hook left behind
-        model.base_model(inputs_embeds=untrained.embeddings[None], **cached(plain), use_cache=True)
+        with kvsqueeze.attached(model):
+            model.base_model(inputs_embeds=untrained.embeddings[None], **cached(plain), use_cache=True)
     torch.testing.assert_close(caches[0].layers[1].keys[:, :, -8:], plain.layers[1].keys[:, :, -8:])  # B = 0
     assert not torch.allclose(caches[1].layers[1].keys[:, :, -8:], caches[0].layers[1].keys[:, :, -8:])
 
@@ -127,7 +128,7 @@ def test_the_adapter_file_round_trips(tmp_path):
     assert all(torch.equal(t, loaded.tensors()[name]) for name, t in adapter.tensors().items())
     from_file, in_memory = (kvsqueeze.RestoreKV(ratio=0.5, adapter=a, level="head") for a in (str(path), adapter))
     ctx, expected = (kvsqueeze.compress(model, None, ids, m) for m in (from_file, in_memory))
-    assert from_file.plus and in_memory.plus and ctx.method.describe()["adapter"] == str(path)  # KVzip+ as trained
+    assert from_file.plus and in_memory.plus and ctx.method.settings()["adapter"] == str(path)  # KVzip+ as trained
     for a, b in zip(ctx.cache.layers, expected.cache.layers):
         assert torch.equal(a.keys, b.keys)
 

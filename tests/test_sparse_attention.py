@@ -8,6 +8,7 @@ import torch
 
 import kvsqueeze
 from kvsqueeze import compress
+from kvsqueeze.attention import AttentionCall
 from kvsqueeze.cache import EvictingLayer
 from kvsqueeze.evaluation.needle import needle_sample
 from kvsqueeze.methods.minference import vertical_slash_attention, vertical_slash_pattern
@@ -48,7 +49,7 @@ def test_quest_reads_the_newest_page_and_the_best_bounded_others():
     key[0, 0, 21, 0] = 3  # page 5
     key[0, 1, 2, 1] = 4  # page 0 of KV head 1
     key[0, 1, 17, 1] = 6  # page 4
-    key.kvsqueeze_layer = EvictingLayer()
+    layer = EvictingLayer()
     value = torch.randn(1, 2, 30, 8)
     seen = {}
 
@@ -56,12 +57,13 @@ def test_quest_reads_the_newest_page_and_the_best_bounded_others():
         seen.update(key=key, value=value, mask=mask)
         return "output"
 
-    assert quest.attend(SimpleNamespace(layer_idx=0), query, key, value, None, attend) == "output"
+    call = AttentionCall(SimpleNamespace(layer_idx=0), query, key, value, None, fn=attend)
+    assert quest.attend(layer, call) == "output"
     index = quest.selected[0]
     assert index[0, 0].tolist() == [8, 9, 10, 11, 20, 21, 22, 23, 28, 29]  # pages 2, 5 and the newest (7, partial)
     assert index[0, 1].tolist() == [0, 1, 2, 3, 16, 17, 18, 19, 28, 29]  # pages 0, 4 and the newest
     assert torch.equal(seen["key"][0, 0], key[0, 0, index[0, 0]]) and seen["value"].shape == (1, 2, 10, 8)
-    low, high = quest.metadata[key.kvsqueeze_layer]
+    low, high = quest.metadata[layer]
     assert low.shape == (1, 2, 7, 8)  # the 7 complete pages before the newest
     assert torch.equal(high[0, 0, 2], key[0, 0, 8:12].amax(0))
     assert torch.equal(low[0, 1, 4], key[0, 1, 16:20].amin(0))
@@ -217,7 +219,7 @@ def test_minference_settings_that_read_everything_are_exact(family):
     context, question = random_ids(150, seed=1), random_ids(7, seed=2)
     expected_logits, expected = reference(model, context, question)
     ctx = compress(model, None, context, kvsqueeze.MInference(slash_size=150))
-    with torch.no_grad():
+    with torch.no_grad(), kvsqueeze.attached(model):
         assert torch.equal(model(question, **cached(ctx.cache.fork())).logits, expected_logits)
     assert torch.equal(ctx.generate(question, max_new_tokens=6)[0], expected)
 

@@ -5,7 +5,6 @@ import torch
 from transformers import DynamicCache
 
 import kvsqueeze
-from kvsqueeze import attention
 from kvsqueeze.methods.base import Method, ScorerMethod
 from kvsqueeze.methods.key_rerotation import KeyRerotation
 from conftest import cached, random_ids, tiny_model
@@ -27,7 +26,6 @@ class KeepIndices(Method):
 
 def keys_at(model, ids, positions, layer=0):
     """Layer `layer`'s keys of the plain model for `ids` placed at `positions`: [1, kv_heads, n, dim]."""
-    attention.uninstall(model)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(ids, **cached(cache), position_ids=torch.as_tensor(positions)[None])
@@ -35,8 +33,7 @@ def keys_at(model, ids, positions, layer=0):
 
 
 def question_logits(model, cache, question):
-    attention.install(model)  # a compressed cache is read through kvsqueeze's attention
-    with torch.no_grad():
+    with torch.no_grad(), kvsqueeze.attached(model):  # a compressed cache is read through kvsqueeze's attention
         return model(question, **cached(cache.fork())).logits
 
 
@@ -117,7 +114,7 @@ def test_rerotation_of_a_decoding_method_runs_while_generating():
 
 def test_key_rerotation_settings():
     method = KeyRerotation(ratio=0.25, method="adakv")
-    assert isinstance(method.method, kvsqueeze.AdaKV) and method.method.describe()["ratio"] == 0.25
+    assert isinstance(method.method, kvsqueeze.AdaKV) and method.method.settings()["ratio"] == 0.25
     assert repr(method).startswith("KeyRerotation(method=AdaKV(ratio=0.25")
     assert KeyRerotation(method=kvsqueeze.H2O(budget=64)).phase == kvsqueeze.H2O.phase == "both"
     with pytest.raises(ValueError, match="wrapped method itself"):
@@ -168,7 +165,6 @@ def test_finch_scores_are_the_questions_normalised_attention():
             return captured[ctx.layer_idx]
 
     ctx = kvsqueeze.compress(model, None, ids, Captured(ratio=0.5, delimiter_id=7, rerotate_keys=False))
-    attention.uninstall(model)
     with torch.no_grad():
         weights = model(ids, output_attentions=True).attentions[0][0]  # layer 0: [heads, 40, 40]
     window = 9

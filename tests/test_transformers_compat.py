@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import kvsqueeze
-from kvsqueeze import hooks
+from kvsqueeze import hooks, models
 from kvsqueeze.forward import CompressionNotAppliedError
 from conftest import CACHE_ARGUMENT, random_ids, tiny_model
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.compat
 
 
 def test_the_cache_argument_is_the_one_the_installed_transformers_takes():
-    assert hooks.cache_argument(tiny_model()) == CACHE_ARGUMENT
+    assert models.cache_argument(tiny_model()) == CACHE_ARGUMENT
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -31,8 +31,8 @@ def test_compression_reaches_every_layer_it_compresses(family):
 
 def missing_last_attention_module(monkeypatch):
     """Simulate a transformers release where kvsqueeze's hook never sees one layer."""
-    found = hooks.attention_modules
-    monkeypatch.setattr(hooks, "attention_modules", lambda model: found(model)[:-1])
+    found = models.attention_modules
+    monkeypatch.setattr(models, "attention_modules", lambda model: found(model)[:-1])
 
 
 def test_compress_raises_when_a_layer_is_never_reached(monkeypatch):
@@ -80,22 +80,17 @@ def test_kvsqueeze_calls_use_the_current_names(recwarn):
     assert not deprecations, [str(w.message) for w in deprecations]
 
 
-class RecordsRotary(kvsqueeze.Method):
-    """Records, per layer, the rotary (cos, sin) the model gave the layer and `rotary_at` for the same positions."""
-
-    def __init__(self):
-        self.seen = {}
-
-    def compress(self, ctx):
-        positions = torch.arange(ctx.n_new)
-        self.seen[ctx.layer_idx] = (ctx.position_embeddings, ctx.rotary_at(positions))
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 def test_rotary_at_gives_each_layer_its_own_rotation(family):
     """Gemma 3's global layers rotate with another base than its local ones (the rotary's `layer_type`)."""
-    method = RecordsRotary()
-    kvsqueeze.compress(tiny_model(family), None, random_ids(24), method)
-    assert method.seen
-    for given, computed in method.seen.values():
+    seen = {}
+
+    def record(ctx):
+        seen[ctx.layer_idx] = (ctx.position_embeddings, ctx.rope.at(torch.arange(ctx.n_new)))
+
+    model = tiny_model(family)
+    with hooks.observing(model, record):
+        kvsqueeze.compress(model, None, random_ids(24))
+    assert seen
+    for given, computed in seen.values():
         torch.testing.assert_close(computed, given)

@@ -7,22 +7,21 @@ branch takes a copy of the layer (sharing its tensors until it evicts) and compr
 alone. The result is exactly what a separate `compress` per method gives, at the cost of one prefill;
 `kvsqueeze eval` uses it to score a grid of methods and ratios on each sample.
 
-Not for methods that change the prefill itself (`Method.changes_prefill`) nor for chunked prefill,
+Not for methods that change the prefill itself (that declare "changes_prefill") nor for chunked prefill,
 where each chunk attends to the already compressed cache: those need their own prefill.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import time
 
 import torch
 
-from .cache import CompressibleLayer, SqueezeCache
-from .hooks import LayerContext
+from .cache import SqueezeCache
+from .context import LayerContext
 from .methods.base import Method
-from .pipeline import CompressedContext, context_rows, measure, pack, pad_id, prefill
+from .layout import pack
+from .pipeline import CompressedContext, context_rows, measure, pad_id, prefill
 from .quantizers import Quantizer, quantizer as as_quantizer
 
 
@@ -31,7 +30,7 @@ class Branches(Method):
 
     def __init__(self, methods: list[Method | None], caches: list[SqueezeCache]):
         for method in methods:
-            if method is not None and method.changes_prefill:
+            if method is not None and method.has("changes_prefill"):
                 raise ValueError(f"{type(method).__name__} changes the prefill itself: it needs a prefill of its own")
         self.methods, self.caches = methods, caches
         self.seconds = [0.0] * len(methods)  # each branch's own compression time
@@ -56,10 +55,10 @@ class Branches(Method):
     def compress(self, ctx: LayerContext) -> None:
         for i, (method, cache) in enumerate(zip(self.methods, self.caches)):
             start = time.perf_counter()
-            branch = copy.copy(ctx.layer)  # shares the tensors; a compression replaces them, never edits them
-            branch.codec = cache.layers[ctx.layer_idx].codec
+            branch = ctx.layer.fork()  # shares the tensors; a compression replaces them, never edits them
+            branch.quantizer = cache.layers[ctx.layer_idx].quantizer
             cache.layers[ctx.layer_idx] = branch
-            own = dataclasses.replace(ctx, cache=cache, _view=None, _as_left=None)  # this branch's layer, untouched
+            own = ctx.for_cache(cache)  # this branch's layer, untouched
             if method is not None and method.acts_on(own):
                 method.compress(own)
             cache.quantize(ctx.layer_idx)
@@ -69,8 +68,8 @@ class Branches(Method):
         """Give every branch the layers no method compresses (sliding windows): the shared prefill's."""
         for cache in self.caches:
             for i, layer in enumerate(shared.layers):
-                if not isinstance(layer, CompressibleLayer):
-                    cache.layers[i] = copy.copy(layer)
+                if not layer.compressible:
+                    cache.layers[i] = layer.fork()
 
 
 def compress_each(model, tokenizer, context, methods: list[Method | None], *,
@@ -84,10 +83,10 @@ def compress_each(model, tokenizer, context, methods: list[Method | None], *,
     quantizers = [None] * len(methods) if quantizers is None else list(quantizers)
     if len(quantizers) != len(methods):
         raise ValueError(f"{len(methods)} methods but {len(quantizers)} quantizers")
-    codecs = [as_quantizer(q) for q in quantizers]
+    quantizers = [as_quantizer(q) for q in quantizers]
     prompt, rows = context_rows(model, tokenizer, context, chat_template, check_window)
     shared = SqueezeCache(model.config)
-    caches = [SqueezeCache(model.config, quantizer=codec) for codec in codecs]
+    caches = [SqueezeCache(model.config, quantizer=quantizer) for quantizer in quantizers]
     branches = Branches(methods, caches)
     ids, mask, _ = pack(rows, None, pad_id(model, tokenizer))
     start = time.perf_counter()
@@ -95,5 +94,5 @@ def compress_each(model, tokenizer, context, methods: list[Method | None], *,
     branches.finish(shared)
     prefill_seconds = time.perf_counter() - start - sum(branches.seconds)
     return [CompressedContext(model, tokenizer, cache, ids, method, prompt,
-                              measure(cache, rows, prefill_seconds + own, codec), mask, check_window)
-            for method, cache, codec, own in zip(methods, caches, codecs, branches.seconds)]
+                              measure(cache, rows, prefill_seconds + own, quantizer), mask, check_window)
+            for method, cache, quantizer, own in zip(methods, caches, quantizers, branches.seconds)]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import random
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,12 +26,11 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from . import attention
-from .cache import layer_types
+from .cache import compressible_layers
+from .context import LayerContext
 from .evaluation.needle import haystack, needle_sample
-from .hooks import LayerContext, cache_argument
-from .methods.base import Method
-from .models import frozen
+from .hooks import attach, detach, observing
+from .models import cache_argument, frozen
 from .pipeline import compress
 from .prompt import Prompt
 
@@ -51,9 +52,10 @@ class eager_attention:
     def __enter__(self):
         self.previous = self.model.config._attn_implementation
         self.model.set_attn_implementation("eager")
-        attention.install(self.model)
+        attach(self.model)  # the model reads kvsqueeze caches through kvsqueeze's attention, wrapping eager
 
     def __exit__(self, *exc):
+        detach(self.model)
         self.model.set_attn_implementation(self.previous)
 
 
@@ -95,12 +97,26 @@ def retrieval_head_scores(model, tokenizer, samples: int = 8, lengths=(1000, 200
 
 
 DUO_IMPLEMENTATION = "kvsqueeze_duo_calibration"
-duo_gates: dict[str, torch.Tensor] = {}
+
+
+@dataclass
+class DuoGates:
+    """What DuoAttention's training attention mixes with: the gates [layers, kv_heads] (None: full attention) and
+    the streaming heads' window."""
+
+    gates: torch.Tensor | None
+    sink: int
+    recent: int
+    full_layers: list[int]
+
+
+_duo_gates: ContextVar[DuoGates | None] = ContextVar("kvsqueeze_duo_gates", default=None)
 
 
 def duo_mixed_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """Per head, gate * full attention + (1 - gate) * streaming attention (sink + recent tokens)."""
-    if layer_types(module.config)[module.layer_idx] != "full_attention":
+    duo = _duo_gates.get()
+    if duo is None or module.layer_idx not in duo.full_layers:
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     q_len, kv_len = query.shape[-2], key.shape[-2]
     group = query.shape[1] // key.shape[1]
@@ -109,10 +125,10 @@ def duo_mixed_attention(module, query, key, value, attention_mask, scaling=None,
     cols = torch.arange(kv_len, device=query.device)[None, :]
     causal = cols <= rows
     full = F.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=scaling)
-    gates = duo_gates["gates"]
+    gates = duo.gates
     if gates is None:
         return full.transpose(1, 2), None
-    streaming_mask = causal & ((cols < duo_gates["sink"]) | (rows - cols < duo_gates["recent"]))
+    streaming_mask = causal & ((cols < duo.sink) | (rows - cols < duo.recent))
     streaming = F.scaled_dot_product_attention(query, key, value, attn_mask=streaming_mask, scale=scaling)
     gate = gates[module.layer_idx].repeat_interleave(group)[None, :, None, None]
     return (gate * full + (1 - gate) * streaming).transpose(1, 2), None
@@ -131,7 +147,7 @@ def duo_attention_gates(model, tokenizer, steps: int = 40, tokens: int = 1200, s
     high gate need the whole context: retrieval heads.
     """
     config = model.config.get_text_config()
-    types = layer_types(model.config)
+    full_layers = compressible_layers(model.config)
     if DUO_IMPLEMENTATION not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(DUO_IMPLEMENTATION, duo_mixed_attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(DUO_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
@@ -139,8 +155,8 @@ def duo_attention_gates(model, tokenizer, steps: int = 40, tokens: int = 1200, s
     optimiser = torch.optim.AdamW([gates], lr=lr, weight_decay=0.0)
     previous = model.config._attn_implementation
     prompt, rng = Prompt.for_tokenizer(tokenizer), random.Random(seed)
-    duo_gates.update(sink=sink_size, recent=recent_size)
-    full_layers = torch.tensor([t == "full_attention" for t in types])
+    duo = DuoGates(None, sink_size, recent_size, full_layers)
+    token = _duo_gates.set(duo)
     try:
         model.set_attn_implementation(DUO_IMPLEMENTATION)
         with frozen(model):
@@ -151,19 +167,19 @@ def duo_attention_gates(model, tokenizer, steps: int = 40, tokens: int = 1200, s
                 ids = ids.to(model.device)
                 targets = torch.arange(ids.shape[1] - answer.shape[1] - 1, ids.shape[1] - 1)
                 with torch.no_grad():
-                    duo_gates["gates"] = None
+                    duo.gates = None
                     reference = model.base_model(input_ids=ids).last_hidden_state[:, targets]
-                duo_gates["gates"] = gates
+                duo.gates = gates
                 with torch.enable_grad():
                     mixed = model.base_model(input_ids=ids).last_hidden_state[:, targets]
-                    loss = (mixed - reference).pow(2).mean() + regularization * gates[full_layers].mean()
+                    loss = (mixed - reference).pow(2).mean() + regularization * gates[duo.full_layers].mean()
                     optimiser.zero_grad()
                     loss.backward()
                 optimiser.step()
                 with torch.no_grad():
                     gates.clamp_(0, 1)
     finally:
-        duo_gates["gates"] = None
+        _duo_gates.reset(token)
         model.set_attn_implementation(previous)
     return gates.detach()
 
@@ -187,9 +203,9 @@ def calibration_ids(tokenizer, samples: int, tokens: int, text: str | None = Non
     return [ids[i * tokens:(i + 1) * tokens][None] for i in range(min(samples, len(ids) // tokens))]
 
 
-class QueryMoments(Method):
-    """Compresses nothing: sums, per compressible layer and query head, the queries of every forward and their
-    outer products, post-RoPE as attention saw them or pre-RoPE, the first `skip` tokens of a forward left out."""
+class QueryMoments:
+    """Observes (see `hooks.observing`): sums, per compressible layer and query head, the queries of every forward and
+    their outer products, post-RoPE as attention saw them or pre-RoPE, the first `skip` tokens of a forward left out."""
 
     def __init__(self, pre_rope: bool, skip: int = 0):
         self.pre_rope, self.skip = pre_rope, skip
@@ -197,8 +213,8 @@ class QueryMoments(Method):
         self.sum: dict[int, torch.Tensor] = {}
         self.outer: dict[int, torch.Tensor] = {}
 
-    def compress(self, ctx: LayerContext) -> None:
-        queries = (ctx.pre_rope_queries if self.pre_rope else ctx.queries)[0, :, self.skip:].double()  # [heads, n, d]
+    def __call__(self, ctx: LayerContext) -> None:
+        queries = (ctx.rope.queries if self.pre_rope else ctx.queries)[0, :, self.skip:].double()  # [heads, n, d]
         i = ctx.layer_idx
         self.count[i] = self.count.get(i, 0) + queries.shape[1]
         self.sum[i] = self.sum.get(i, 0) + queries.sum(1).cpu()
@@ -208,7 +224,7 @@ class QueryMoments(Method):
 def query_moments(model, tokenizer, pre_rope: bool, samples: int, tokens: int, text: str | None, seed: int,
                   skip: int = 0, progress: bool = True) -> QueryMoments:
     moments = QueryMoments(pre_rope, skip)
-    with moments.apply(model), torch.no_grad():
+    with observing(model, moments), torch.no_grad():
         for ids in tqdm(calibration_ids(tokenizer, samples, tokens, text, seed), desc="query statistics",
                         disable=not progress):
             model(ids.to(model.device), use_cache=True)

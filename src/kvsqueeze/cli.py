@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import sys
 from pathlib import Path
@@ -97,7 +98,7 @@ def demo_command(args) -> int:
           f"first with its full KV cache, then with {method!r}.\n", flush=True)
     model, tokenizer = models.load(DEFAULT_MODEL)
     runs = [("full cache", run(model, tokenizer, document, DEMO_QUESTION, None, args.max_new_tokens)),
-            (f"{method.name} ratio={method.budget.ratio}",
+            (f"{method.name} ratio={method.ratio}",
              run(model, tokenizer, document, DEMO_QUESTION, method, args.max_new_tokens))]
     print(side_by_side(DEMO_QUESTION, runs))
     held = runs[1][1]["ctx"].stats.bytes_held / runs[0][1]["ctx"].stats.bytes_held
@@ -273,6 +274,9 @@ def methods_command(args) -> int:
     width = max(map(len, registry))
     for name, cls in registry.items():
         print(f"{name:<{width}}  {cls.__name__:<18} {cls.summary()}")
+        settings = ", ".join(f"{f.name}={'(required)' if f.default is dataclasses.MISSING else repr(f.default)}"
+                             for f in dataclasses.fields(cls))
+        print(f"{'':<{width}}  {'':<18} settings: {settings or '(none)'}")
     print("\nquantizers (--quant NAME-BITS, e.g. kivi-2; composes with any method):")
     for name, cls in sorted(quantizers.REGISTRY.items()):
         print(f"{name:<{width}}  {cls.__name__:<18} {inspect.getdoc(cls).splitlines()[0]}")

@@ -19,11 +19,11 @@ import torch
 def held_tokens(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keys, values, real) of what a cache layer holds: [batch, kv_heads, stored, dim] twice, and which are real
     tokens [batch, kv_heads, stored] (a head-wise layer is shown padded to its longest head)."""
-    if hasattr(layer, "dense_view"):  # ragged and quantized layers: each head's tokens, then the shared tail
+    if layer.compressible:
         keys, values, real = layer.dense_view()
-    else:
-        keys, values = layer.keys, layer.values
-        real = layer.real_mask() if hasattr(layer, "real_mask") else torch.ones(keys.shape[:3], dtype=torch.bool)
+    else:  # a sliding window: what the model's own layer holds
+        keys, values, real = layer.keys, layer.values, None
+    real = torch.ones(keys.shape[:3], dtype=torch.bool) if real is None else real
     return keys, values, real.to(keys.device)
 
 
@@ -71,7 +71,7 @@ def kept_positions(ctx, row: int = 0, reference=None) -> torch.Tensor:
     elif reference.batch_size != 1 or not torch.equal(reference.context_ids[0].cpu(), ids.cpu()):
         raise ValueError("the reference is not the same context, uncompressed: compress the same text with method=None")
     method = ctx.method
-    if ctx.stats.quantizer is not None and not (method is not None and method.decides_after_prefill()):
+    if ctx.stats.quantizer is not None and not (method is not None and method.has("after_prefill")):
         ctx = reference if method is None else compress(ctx.model, None, ids[None], method, check_window=False)
         row = 0
     layers = []

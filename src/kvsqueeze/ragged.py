@@ -2,7 +2,7 @@
 
 Kept tokens are packed in pages of `page_size` tokens: each page belongs to one (batch row, KV head)
 segment, only a segment's last page can be partly empty. Pages make attention over the packed keys a
-batched matrix product (see `attention.ragged_attention`), and waste less than one page per segment,
+batched matrix product (see `ragged_attention`), and waste less than one page per segment,
 which `nbytes()` counts with the index tensors. Tokens that arrive after compression (the question,
 generated tokens) are the same for every head: they go to a dense tail.
 """
@@ -14,8 +14,9 @@ import math
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .cache import CompressibleLayer
-from .quantizers import QuantizedPages, Quantizer, quantizer
+from .attention import causal_weights
+from .layer import CompressibleLayer
+from .quantizers import QuantizedPages, Quantizer, quantizer as as_quantizer
 
 
 def page_size_for(mean_tokens: float) -> int:
@@ -35,7 +36,6 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
 
     is_sliding = False
     is_croppable = False
-    codec: Quantizer | None = None
     kind = "ragged"
     saved_tensors = ("pages_k", "pages_v", "page_segment", "page_fill", "lengths", "tail_k", "tail_v", "key_channels",
                      "fresh_valid", "pads")
@@ -57,20 +57,21 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
     @classmethod
     def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, seen: int,
                    page_size: int | None = None, key_channels: torch.Tensor | None = None,
-                   codec: Quantizer | None = None) -> "RaggedLayer":
+                   quantizer: Quantizer | None = None, token_state: dict | None = None) -> "RaggedLayer":
         """Pack the tokens of keys/values [batch, heads, n, dim] where `mask` [batch, heads, n] is True.
 
         With `key_channels` [batch, heads, kept_dim], only those channels of the keys are stored (ThinK);
-        attention reads the matching channels of the queries. With a `codec` (a quantizer), pages are its
-        groups and are stored quantized, except the most recent tokens every head keeps (up to its residual
-        window), which stay in full precision in the tail.
+        attention reads the matching channels of the queries. With a `quantizer`, pages are its groups and
+        are stored quantized, except the most recent tokens every head keeps (up to its residual window),
+        which stay in full precision in the tail. `token_state` (per-token values [batch, heads, n] a method
+        keeps, see `remember`) follows the kept tokens.
         """
         layer = cls()
         batch, heads, n, dim = keys.shape
-        layer.head_dim, layer.codec, layer.key_channels = dim, codec, None
+        layer.head_dim, layer.quantizer, layer.key_channels = dim, quantizer, None
         layer.batch, layer.heads, layer.seen = batch, heads, seen
         layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
-        recent = codec.recent_run(mask) if codec is not None else 0
+        recent = quantizer.recent_run(mask) if quantizer is not None else 0
         layer.tail_k, layer.tail_v = keys[..., n - recent:, :].clone(), values[..., n - recent:, :].clone()
         if recent:
             mask = mask.clone()
@@ -79,14 +80,18 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
             layer.key_channels = key_channels.reshape(batch * heads, -1)
             keys = keys.gather(-1, key_channels[:, :, None, :].expand(-1, -1, n, -1))
         layer.lengths = mask.sum(-1)
-        layer.page_size = codec.group if codec is not None else page_size or page_size_for(
+        layer.page_size = quantizer.group if quantizer is not None else page_size or page_size_for(
             layer.lengths.float().mean().item())
         layer.pages_k, layer.pages_v, layer.page_segment, layer.page_fill = layer._pack(keys, values, mask)
+        longest = int(layer.lengths.max()) if layer.lengths.numel() else 0
+        order = (~mask).long().argsort(dim=-1, stable=True)[..., :longest]  # each head's kept tokens first, in order
+        layer.token_state = {name: torch.cat([state.gather(-1, order), state[..., n - recent:]], -1)
+                             for name, state in (token_state or {}).items() if state.shape[-1] == n}
         return layer
 
     def _pack(self, keys, values, mask):
         """(keys pages, values pages, page_segment, page_fill) holding the tokens where `mask` is True, each
-        segment's in order; its pages are encoded by the layer's codec, if any."""
+        segment's in order; its pages are encoded by the layer's quantizer, if any."""
         batch, heads = mask.shape[:2]
         lengths = mask.sum(-1).flatten()
         pages_per_segment = (lengths + self.page_size - 1) // self.page_size
@@ -103,8 +108,9 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         page_segment = torch.repeat_interleave(torch.arange(batch * heads, device=keys.device), pages_per_segment)
         page_in_segment = torch.arange(n_pages, device=keys.device) - first_page[page_segment]
         page_fill = (lengths[page_segment] - page_in_segment * self.page_size).clamp(max=self.page_size)
-        if self.codec is not None:
-            pages_k, pages_v = self.codec.encode(pages_k, page_fill, "keys"), self.codec.encode(pages_v, page_fill, "values")
+        if self.quantizer is not None:
+            pages_k = self.quantizer.encode(pages_k, page_fill, "keys")
+            pages_v = self.quantizer.encode(pages_v, page_fill, "values")
         return pages_k, pages_v, page_segment, page_fill
 
     def adopt(self, tensors):
@@ -119,19 +125,20 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
                 numbers[f"{name}_shape"] = [pages.page_size, pages.dim]
             else:
                 tensors[name] = pages
-        return tensors, numbers | {"codec": None if self.codec is None else self.codec.spec()}
+        return tensors, numbers | {"quantizer": None if self.quantizer is None else self.quantizer.spec()}
 
     @classmethod
     def from_saved(cls, tensors, numbers):
-        codec, tensors = quantizer(numbers.get("codec")), dict(tensors)
+        spec = numbers.get("quantizer", numbers.get("codec"))  # "codec": files saved by kvsqueeze 0.1
+        quantizer, tensors = as_quantizer(spec), dict(tensors)
         for name, role in (("pages_k", "keys"), ("pages_v", "values")):
             parts = {key[len(name) + 1:]: tensors.pop(key) for key in list(tensors) if key.startswith(name + ".")}
             if parts:
-                if codec is None:
+                if quantizer is None:
                     raise ValueError("quantized pages without the quantizer that made them")
-                tensors[name] = QuantizedPages(codec, role, parts, numbers[f"{name}_shape"], tensors["tail_k"].dtype)
+                tensors[name] = QuantizedPages(quantizer, role, parts, numbers[f"{name}_shape"], tensors["tail_k"].dtype)
         layer = super().from_saved(tensors, numbers)
-        layer.codec = codec
+        layer.quantizer = quantizer
         return layer
 
     def check(self) -> None:
@@ -151,20 +158,31 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         raise RuntimeError("a RaggedLayer is made from a compressed layer, never empty")
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self.codec is not None:
+        if self.quantizer is not None:
             self._fold()
         self.seen += key_states.shape[-2]
         self.tail_k = torch.cat([self.tail_k, key_states], dim=-2)
         self.tail_v = torch.cat([self.tail_v, value_states], dim=-2)
         self.peak_bytes = max(self.peak_bytes, self.nbytes())
-        keys = self.tail_k
-        keys.kvsqueeze_layer = self  # tells the attention function to read the pages too
-        return keys, self.tail_v
+        return self.tail_k, self.tail_v  # attention reads the pages too: see `attend`
+
+    def attend(self, call):
+        """Attention over the pages and the tail (`ragged_attention`); the weights only where the model's own
+        attention would return them (eager)."""
+        allowed = self.observe(call.mask, call.query.shape[-2])
+        if call.kwargs.get("softcap") is not None:
+            raise NotImplementedError("attention softcapping is not supported on head-wise (ragged) layers")
+        scaling = call.kwargs.get("scaling") or call.query.shape[-1] ** -0.5
+        out = ragged_attention(self, call.query, scaling, allowed)
+        if call.implementation != "eager":
+            return out, None
+        keys, _, real = self.dense_view()
+        return out, causal_weights(call.query, keys, real, scaling)
 
     def _fold(self) -> None:
-        """Quantize the oldest tail tokens, whole groups at a time, while the tail holds more than the codec's
+        """Quantize the oldest tail tokens, whole groups at a time, while the tail holds more than the quantizer's
         full-precision window (KIVI's residual): each (batch row, head) gets pages of its real ones."""
-        n = (self.tail_k.shape[-2] - self.codec.residual) // self.page_size * self.page_size
+        n = (self.tail_k.shape[-2] - self.quantizer.residual) // self.page_size * self.page_size
         if n <= 0:
             return
         keys, values = self.tail_k[..., :n, :], self.tail_v[..., :n, :]
@@ -178,6 +196,7 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         self.page_fill = torch.cat([self.page_fill, page_fill])
         self.lengths = self.lengths + real.sum(-1)
         self.tail_k, self.tail_v = self.tail_k[..., n:, :], self.tail_v[..., n:, :]
+        self.token_state = {}  # the dense view is laid out anew
         if self.fresh_valid is not None:
             self.fresh_valid = self.fresh_valid[:, n:] if not bool(self.fresh_valid[:, n:].all()) else None
 
@@ -193,7 +212,7 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         return self.fresh + query_length, self.seen - self.fresh
 
     def get_max_length(self) -> int:
-        return -1
+        return -1  # no maximum (transformers' Cache.get_max_length asks every layer)
 
     def reset(self) -> None:
         raise RuntimeError("a RaggedLayer cannot be reset; make a new cache")
@@ -215,8 +234,8 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
     # -- views and edits --
 
     def page_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pages of keys and values as tensors [pages, page_size, dim] (dequantized when the codec stores them)."""
-        if self.codec is None:
+        """The pages of keys and values as tensors [pages, page_size, dim] (dequantized when quantized)."""
+        if self.quantizer is None:
             return self.pages_k, self.pages_v
         return self.pages_k.dequantize(), self.pages_v.dequantize()
 
@@ -254,24 +273,24 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
     def channels(self) -> torch.Tensor | None:
         return None if self.key_channels is None else self.key_channels.view(self.batch, self.heads, -1)
 
-    def keep(self, mask: torch.Tensor) -> "RaggedLayer":
+    def keep(self, mask, keys=None, values=None):
         """Keep the tokens of `dense_view()` where `mask` is True (padding is never kept)."""
-        keys, values, real = self.dense_view()
-        return RaggedLayer.from_dense(keys, values, mask & real, self.seen, key_channels=self.channels(),
-                                      codec=self.codec).inherit(self)
+        dense_keys, dense_values, real = self.dense_view()
+        return RaggedLayer.from_dense(dense_keys if keys is None else keys, dense_values if values is None else values,
+                                      mask & real, self.seen, key_channels=self.channels(), quantizer=self.quantizer,
+                                      token_state=self.token_state).inherit(self)
 
-    def prune_key_channels(self, channels: torch.Tensor) -> "RaggedLayer":
-        """Keep only `channels` [batch, heads, kept_dim] of the stored keys."""
+    def prune_key_channels(self, channels):
         keys, values, real = self.dense_view()
         return RaggedLayer.from_dense(keys, values, real, self.seen, self.page_size, key_channels=channels,
-                                      codec=self.codec).inherit(self)
+                                      quantizer=self.quantizer, token_state=self.token_state).inherit(self)
 
     def as_ragged(self, page_size: int | None = None) -> "RaggedLayer":
         """This layer, with pages of `page_size` tokens (None: as they are). Repacking is exact: only unquantized
         pages, with no recent tokens in the tail, are repacked."""
         if page_size in (None, self.page_size):
             return self
-        if self.codec is not None or self.fresh:
+        if self.quantizer is not None or self.fresh:
             raise ValueError("a quantized layer, or one holding tokens after its compression, keeps its pages")
         keys, values, real = self.dense_view()
         return RaggedLayer.from_dense(keys, values, real, self.seen, page_size, key_channels=self.channels()
@@ -298,6 +317,7 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
             self.fresh_valid = self.fresh_valid[index.to(self.fresh_valid.device)]
         if self.pads is not None:
             self.pads = self.pads[index.to(self.pads.device)]
+        self.token_state = {name: state[index.to(state.device)] for name, state in self.token_state.items()}
         self.batch = len(index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -315,7 +335,8 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         concatenated, never decoded. A layer that has seen fewer tokens gets left padding, which it never stores."""
         first = layers[0]
         for layer in layers[1:]:
-            if (layer.codec is None) != (first.codec is None) or (layer.codec and layer.codec.spec() != first.codec.spec()):
+            if (layer.quantizer is None) != (first.quantizer is None) or (
+                    layer.quantizer and layer.quantizer.spec() != first.quantizer.spec()):
                 raise ValueError("layers stored by different quantizers cannot share a batch")
             if (layer.heads, layer.head_dim, layer.page_size) != (first.heads, first.head_dim, first.page_size):
                 raise ValueError("these layers cannot share a batch: their heads or page sizes differ")
@@ -329,8 +350,8 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         stacked.page_fill = torch.cat([layer.page_fill for layer in layers])
         pages_k, pages_v = first.pages_k, first.pages_v
         for layer in layers[1:]:
-            pages_k = pages_k.cat(layer.pages_k) if first.codec else torch.cat([pages_k, layer.pages_k])
-            pages_v = pages_v.cat(layer.pages_v) if first.codec else torch.cat([pages_v, layer.pages_v])
+            pages_k = pages_k.cat(layer.pages_k) if first.quantizer else torch.cat([pages_k, layer.pages_k])
+            pages_v = pages_v.cat(layer.pages_v) if first.quantizer else torch.cat([pages_v, layer.pages_v])
         stacked.pages_k, stacked.pages_v = pages_k, pages_v
         stacked.lengths = torch.cat([layer.lengths for layer in layers])
         tail = max(layer.fresh for layer in layers)  # shorter tails are left-padded, their padding marked unreal
@@ -346,6 +367,7 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
                           for layer in layers])
         stacked.fresh_valid = None if bool(real.all()) else real
         stacked.peak_bytes = sum(layer.peak_bytes for layer in layers)
+        stacked.token_state = {}
         return stacked
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -356,3 +378,52 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
             self.seen += tokens_to_remove
             if self.fresh_valid is not None:
                 self.fresh_valid = self.fresh_valid[:, :tokens_to_remove]
+
+
+def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of `query` [batch, heads, q, dim] over a RaggedLayer's pages and dense tail; [batch, q, heads, dim].
+
+    Each KV head's segment is attended by the query heads of its group. Pages give batched matrix
+    products; a segment's softmax is assembled from per-page maxima and sums (segment-wise softmax),
+    then merged with the tail's, where the new tokens are causal among themselves and `allowed`
+    ([batch, 1, q or 1, tail], from the model's mask) hides padding.
+    """
+    batch, n_heads, q_len, dim = query.shape
+    segments = batch * layer.heads
+    rows = n_heads // layer.heads * q_len  # query rows per segment: the group's heads x new tokens
+    queries = query.reshape(segments, rows, dim)
+
+    tail_k, tail_v = layer.tail_k.reshape(segments, -1, dim), layer.tail_v.reshape(segments, -1, layer.tail_v.shape[-1])
+    logits = torch.bmm(queries, tail_k.transpose(1, 2)).float() * scaling
+    tail_len = tail_k.shape[1]
+    new_token = torch.arange(rows, device=query.device) % q_len
+    future = torch.arange(tail_len, device=query.device)[None, :] > (tail_len - q_len + new_token)[:, None]
+    logits = logits.masked_fill(future, float("-inf"))
+    if allowed is not None:
+        group = n_heads // layer.heads
+        allowed = allowed[:, 0][:, None, None].expand(batch, layer.heads, group, q_len, tail_len)
+        logits = logits.masked_fill(~allowed.reshape(segments, rows, tail_len), float("-inf"))
+    top = logits.amax(-1).clamp(min=torch.finfo(logits.dtype).min)  # a padding query may see nothing at all
+    weights = (logits - top[..., None]).exp()
+    total = weights.sum(-1)
+    out = torch.bmm(weights.to(tail_v.dtype), tail_v).float()
+
+    if layer.n_pages:
+        pages_k, pages_v = layer.page_data()
+        segment = layer.page_segment
+        if layer.key_channels is not None:  # ThinK: the keys kept only some channels; so do the queries
+            channels = layer.key_channels[:, None, :].expand(-1, rows, -1)
+            queries = queries.gather(-1, channels)
+        page_logits = torch.bmm(queries[segment], pages_k.transpose(1, 2)).float() * scaling
+        empty = torch.arange(layer.page_size, device=query.device)[None, :] >= layer.page_fill[:, None]
+        page_logits = page_logits.masked_fill(empty[:, None, :], float("-inf"))
+        page_top = page_logits.amax(-1)  # [pages, rows]
+        top_all = top.scatter_reduce(0, segment[:, None].expand(-1, rows), page_top, "amax")
+        page_weights = (page_logits - top_all[segment][..., None]).exp()
+        page_out = torch.bmm(page_weights.to(pages_v.dtype), pages_v).float()
+        rescale = (top - top_all).exp()
+        total = total * rescale + torch.zeros_like(total).index_add_(0, segment, page_weights.sum(-1))
+        out = out * rescale[..., None] + torch.zeros_like(out).index_add_(0, segment, page_out)
+
+    out = (out / total.clamp(min=torch.finfo(total.dtype).tiny)[..., None]).to(query.dtype)  # nothing visible: 0
+    return out.view(batch, n_heads, q_len, -1).transpose(1, 2).contiguous()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -113,7 +113,7 @@ def compressed(model, tokenizer, text: str, configurations: list[Configuration],
 
     methods = [c.build() for c in configurations]
     share_prefill = share_prefill and chunk_size is None
-    shared = [i for i, m in enumerate(methods) if share_prefill and (m is None or not m.changes_prefill)]
+    shared = [i for i, m in enumerate(methods) if share_prefill and (m is None or not m.has("changes_prefill"))]
     contexts = {}
     if len(shared) > 1:
         contexts = dict(zip(shared, compress_each(model, tokenizer, text, [methods[i] for i in shared],
@@ -188,6 +188,7 @@ def sweep(model, tokenizer, benchmark: Benchmark, grid: list[Configuration], out
 
     work = [(sample, [c for c in grid if missing(c, sample)]) for sample in chosen]
     work = [(sample, todo) for sample, todo in work if todo]
+    method_settings = {c: {} if c.method == "full" else c.build().settings() for c in grid}
     with out.open("a") as file:
         for sample, todo in tqdm(work, desc=f"{benchmark.name}", disable=not progress):
             for configuration, i, prediction, steps, stats in answer(model, tokenizer, sample, todo, query_aware,
@@ -195,7 +196,7 @@ def sweep(model, tokenizer, benchmark: Benchmark, grid: list[Configuration], out
                 question = sample.questions[i]
                 row = {"benchmark": benchmark.name, "task": sample.task, "sample": sample.id, "question": i,
                        "method": configuration.method, "ratio": configuration.ratio, "quant": configuration.quant,
-                       "query_aware": query_aware, "prediction": prediction, "answers": question.answers,
+                       "method_settings": method_settings[configuration], "query_aware": query_aware, "prediction": prediction, "answers": question.answers,
                        "score": benchmark.score(prediction, question, sample.task),
                        "context_tokens": stats.context_tokens, "compression_ratio": stats.compression_ratio,
                        "bytes_held": stats.bytes_held, "bytes_uncompressed": stats.bytes_uncompressed,

@@ -48,7 +48,9 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 import kvsqueeze
-from kvsqueeze.hooks import cache_argument
+from kvsqueeze.layout import left_pad
+from kvsqueeze.methods import UnknownMethodError, registry_name
+from kvsqueeze.models import cache_argument
 
 BUNDLED = (None, "", "bundled", "smollm2")
 
@@ -59,11 +61,11 @@ def build_method(name: str | None, ratio: float | None, budget: int | None, sett
         if ratio is not None or budget is not None or settings:
             raise ValueError("method=none compresses nothing: it takes no ratio, budget or method_ settings")
         return None
-    registry = kvsqueeze.available()
-    key = str(name).lower().replace("-", "_")
-    if key not in registry:
-        raise ValueError(f"unknown method {name!r}; available: none, {', '.join(registry)}")
-    accepted = inspect.signature(registry[key]).parameters
+    try:
+        key = registry_name(str(name))
+    except UnknownMethodError as error:
+        raise ValueError(f"{error} (or none)") from error
+    accepted = inspect.signature(kvsqueeze.available()[key]).parameters
     kwargs = dict(settings)
     for argument, value in (("ratio", ratio), ("budget", budget)):
         if value is not None:
@@ -75,18 +77,6 @@ def build_method(name: str | None, ratio: float | None, budget: int | None, sett
     if unknown:
         raise ValueError(f"{key} has no setting {', '.join(sorted(unknown))}; it takes {', '.join(accepted)}")
     return kvsqueeze.method(key, **kwargs)
-
-
-def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of token ids as one [batch, longest] tensor padded on the left, and its attention mask."""
-    longest = max(len(row) for row in rows)
-    ids = torch.full((len(rows), longest), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), longest, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, longest - len(row):] = torch.tensor(row)
-            mask[i, longest - len(row):] = 1
-    return ids, mask
 
 
 def split_point(tokenizer, ids: list[int], marker: str) -> int | None:
@@ -190,7 +180,7 @@ class KVSqueezeLM(HFLM):
     def logits_on(self, ctx: kvsqueeze.CompressedContext | None, rows: list[list[int]]) -> list[torch.Tensor]:
         """Each row's logits [len(row), vocab] when it is fed after its compressed context (None: no context)."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids, mask = left_pad(rows, pad)
+        ids, mask = left_pad([torch.tensor(row, dtype=torch.long) for row in rows], pad)
         kwargs = {}
         if ctx is not None:
             context_mask = torch.ones_like(ctx.context_ids) if ctx.context_mask is None else ctx.context_mask
@@ -198,7 +188,7 @@ class KVSqueezeLM(HFLM):
             kwargs[cache_argument(self.model)] = ctx.cache.fork()  # the compressed context stays as it was
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         device = self.model.device
-        with torch.no_grad():
+        with torch.no_grad(), kvsqueeze.attached(self.model):  # a compressed cache is read through kvsqueeze
             out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                              position_ids=positions.to(device), use_cache=ctx is not None, **kwargs)
         return [row_logits[ids.shape[1] - len(row):] for row_logits, row in zip(out.logits, rows)]

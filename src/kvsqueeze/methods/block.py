@@ -1,7 +1,7 @@
 import torch
 
-from ..hooks import LayerContext
-from .base import ScorerWrapper
+from ..context import LayerContext
+from .base import ScorerMethod, ScorerWrapper
 from .chunk import single_forward_rows, token_subset
 
 
@@ -20,18 +20,20 @@ class Block(ScorerWrapper):
     """
 
     name = "block"
-    needs_whole_context = True
+    declares = frozenset({"whole_context"})
 
-    def __init__(self, ratio=None, budget=None, scorer="keydiff", block_size: int = 128):
-        super().__init__(ratio, budget, scorer)
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1; got {block_size}")
-        self.block_size = block_size
+    scorer: "str | ScorerMethod" = "keydiff"
+    block_size: int = 128
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1; got {self.block_size}")
 
     def keep_mask(self, ctx: LayerContext) -> torch.Tensor:
         mask = torch.zeros(ctx.keys.shape[:-1], dtype=torch.bool, device=ctx.keys.device)
         for row, seen, tokens in single_forward_rows(ctx, "Block"):
-            n_keep = min(self.budget.n_keep(seen, *ctx.depth), len(tokens))
+            n_keep = min(self.allocation.n_keep(seen, *ctx.depth), len(tokens))
             for head in range(ctx.n_kv_heads):
                 kept = tokens[:n_keep]
                 for start in range(n_keep, len(tokens), self.block_size):
@@ -41,6 +43,3 @@ class Block(ScorerWrapper):
                     kept = candidates[best.sort().values]  # in order, as the layer holds them
                 mask[row, head, kept] = True
         return mask
-
-    def settings(self):
-        return super().settings() | {"block_size": self.block_size}

@@ -1,9 +1,7 @@
 import torch
 
-from ..hooks import LayerContext
-from .base import ScorerWrapper
 from .h2o import accumulated_attention
-from .merging import Merging
+from .merging import MergesEvicted
 
 
 def merge_into_next(values: torch.Tensor, attention: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor,
@@ -36,7 +34,7 @@ def merge_into_next(values: torch.Tensor, attention: torch.Tensor, keep: torch.T
     return (values.float() + received * kept[..., None]).to(values.dtype)
 
 
-class CAM(Merging):
+class CAM(MergesEvicted):
     """Keeps a scorer's best tokens, each evicted value merged, with an attention-based probability, into the next kept ones.
 
     Zhang et al., "CaM: Cache Merging for Memory-efficient LLMs Inference", ICML 2024 (no arXiv id;
@@ -50,21 +48,20 @@ class CAM(Merging):
 
     name = "cam"
 
-    def __init__(self, ratio=None, budget=None, scorer="snapkv", merge_budget: int = 32, seed: int = 0):
-        ScorerWrapper.__init__(self, ratio, budget, scorer)
-        if merge_budget < 1:
-            raise ValueError(f"merge_budget must be >= 1; got {merge_budget}")
-        self.merge_budget, self.seed = merge_budget, seed
-        self.generator = torch.Generator().manual_seed(seed)
+    merge_budget: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.merge_budget < 1:
+            raise ValueError(f"merge_budget must be >= 1; got {self.merge_budget}")
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     def setup(self, model):
         super().setup(model)
         self.generator.manual_seed(self.seed)
 
-    def merged(self, ctx: LayerContext, keep: torch.Tensor, evicted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def merged(self, ctx, keep, evicted):
         values = merge_into_next(ctx.values, accumulated_attention(ctx), keep, evicted, self.merge_budget,
                                  self.generator)
         return ctx.keys, values
-
-    def settings(self):
-        return {"scorer": self.scorer.name, "merge_budget": self.merge_budget, "seed": self.seed}

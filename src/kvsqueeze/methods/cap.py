@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import ScorerMethod
 from .expected_attention import context_queries, future_rotation, sinks
 
@@ -37,12 +37,16 @@ class Cap(ScorerMethod):
 
     name = "cap"
 
-    def __init__(self, ratio=None, budget=None, tau: float = 5.0, n_future_positions: int = 512, n_sink: int = 4,
-                 epsilon: float = 1e-6):
-        super().__init__(ratio, budget)
-        if n_sink < 0 or n_future_positions < 1:
-            raise ValueError(f"Cap needs n_sink >= 0 and n_future_positions >= 1; got {n_sink}, {n_future_positions}")
-        self.tau, self.n_future_positions, self.n_sink, self.epsilon = tau, n_future_positions, n_sink, epsilon
+    tau: float = 5.0
+    n_future_positions: int = 512
+    n_sink: int = 4
+    epsilon: float = 1e-6
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_sink < 0 or self.n_future_positions < 1:
+            raise ValueError(f"Cap needs n_sink >= 0 and n_future_positions >= 1; got {self.n_sink}, "
+                             f"{self.n_future_positions}")
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         n_sink, sink = sinks(ctx, self.n_sink)
@@ -55,7 +59,3 @@ class Cap(ScorerMethod):
                                  ctx.values.float().repeat_interleave(group, 1), counted.repeat_interleave(group, 1),
                                  self.tau, self.epsilon)
         return ctx.per_kv_head(scores).masked_fill(sink, float("inf"))
-
-    def settings(self):
-        return {"tau": self.tau, "n_future_positions": self.n_future_positions, "n_sink": self.n_sink,
-                "epsilon": self.epsilon}

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import torch
 
 from ..budgets import largest_remainder, top_k_per_head
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import ScorerWrapper
 
 
@@ -13,25 +13,25 @@ class TokenSubset(LayerContext):
     """A layer seen as if one batch row (and one KV head) held only some of its tokens, for a scorer to score.
 
     Every token counts as new: keys, values, queries, hidden states and rotary embeddings are those of the
-    subset, in order; `seen` stays the row's logical length (future positions follow the whole context).
+    subset, in order; `row_lengths` stays the row's logical length (future positions follow the whole context).
     """
 
     subset_keys: torch.Tensor | None = None
     subset_values: torch.Tensor | None = None
     row_seen: torch.Tensor | None = None
 
-    def stored(self):
+    def view(self):
         return self.subset_keys, self.subset_values, None
 
     @property
-    def seen(self) -> torch.Tensor:
+    def row_lengths(self) -> torch.Tensor:
         return self.row_seen
 
     @property
     def new_real(self):
         return None
 
-    def keep(self, mask, rows=None):
+    def keep(self, mask, rows=None, keys=None, values=None):
         raise RuntimeError("a token subset is scored, not compressed")
 
 
@@ -40,19 +40,19 @@ def token_subset(ctx: LayerContext, row: int, index: torch.Tensor, head: int | N
     this forward's tokens (a context compressed in one forward)."""
     heads = slice(None) if head is None else slice(head, head + 1)
     query_heads = slice(None) if head is None else slice(head * ctx.group_size, (head + 1) * ctx.group_size)
-    keys, values, _ = ctx.stored()
+    keys, values, _ = ctx.view()
     rotary = ctx.position_embeddings
     if rotary is not None:
         rotary = tuple(t[min(row, t.shape[0] - 1)][index][None] for t in rotary)
-    weights, queries = ctx.attention_weights, ctx.captured_queries
+    weights, queries = ctx.attention_weights, ctx.observed_queries
     if weights is not None:
         weights = weights[row:row + 1, query_heads][:, :, index][..., index]
     if queries is not None:
         queries = queries[row:row + 1, query_heads][:, :, index]
     return TokenSubset(module=ctx.module, cache=ctx.cache, hidden_states=ctx.hidden_states[row:row + 1, index],
-                       position_embeddings=rotary, attention_weights=weights, captured_queries=queries,
+                       position_embeddings=rotary, attention_weights=weights, observed_queries=queries,
                        rotary_embedding=ctx.rotary_embedding, subset_keys=keys[row:row + 1, heads][:, :, index],
-                       subset_values=values[row:row + 1, heads][:, :, index], row_seen=ctx.seen[row:row + 1])
+                       subset_values=values[row:row + 1, heads][:, :, index], row_seen=ctx.row_lengths[row:row + 1])
 
 
 def single_forward_rows(ctx: LayerContext, method: str) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -62,7 +62,7 @@ def single_forward_rows(ctx: LayerContext, method: str) -> Iterator[tuple[int, i
         raise ValueError(f"{method} compresses a context prefilled in one forward; this layer holds "
                          f"{ctx.n_stored - ctx.n_new} earlier tokens (use it without chunk_size)")
     real = ctx.real
-    for row, seen in enumerate(ctx.seen.tolist()):
+    for row, seen in enumerate(ctx.row_lengths.tolist()):
         if real is None:
             yield row, seen, torch.arange(ctx.n_stored, device=ctx.keys.device)
         else:
@@ -83,26 +83,24 @@ class Chunk(ScorerWrapper):
     """
 
     name = "chunk"
-    needs_whole_context = True
+    declares = frozenset({"whole_context"})
 
-    def __init__(self, ratio=None, budget=None, scorer="snapkv", chunk_length: int = 1024):
-        super().__init__(ratio, budget, scorer)
-        if chunk_length < 1:
-            raise ValueError(f"chunk_length must be >= 1; got {chunk_length}")
-        self.chunk_length = chunk_length
+    chunk_length: int = 1024
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.chunk_length < 1:
+            raise ValueError(f"chunk_length must be >= 1; got {self.chunk_length}")
 
     def keep_mask(self, ctx: LayerContext) -> torch.Tensor:
         mask = torch.zeros(ctx.keys.shape[:-1], dtype=torch.bool, device=ctx.keys.device)
         for row, seen, tokens in single_forward_rows(ctx, "Chunk"):
             chunks = tokens.split(self.chunk_length)
             sizes = torch.tensor([[len(c) for c in chunks]], dtype=torch.float)
-            total = torch.tensor([self.budget.n_keep(seen, *ctx.depth)])
+            total = torch.tensor([self.allocation.n_keep(seen, *ctx.depth)])
             counts = largest_remainder(sizes * total / len(tokens), total)[0].tolist()
             for chunk, count in zip(chunks, counts):
                 scores = self.scorer.scores(token_subset(ctx, row, chunk))  # [1, kv_heads, chunk]
                 kept = top_k_per_head(scores, torch.full(scores.shape[:2], count, device=scores.device))
                 mask[row, :, chunk] = kept[0]
         return mask
-
-    def settings(self):
-        return super().settings() | {"chunk_length": self.chunk_length}

@@ -1,7 +1,7 @@
 import torch
 
 from ..budgets import top_k_per_head
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import ScorerWrapper
 
 
@@ -17,11 +17,12 @@ class ChunkKV(ScorerWrapper):
 
     name = "chunkkv"
 
-    def __init__(self, ratio=None, budget=None, scorer="snapkv", chunk_length: int = 10):
-        super().__init__(ratio, budget, scorer)
-        if chunk_length < 1:
-            raise ValueError(f"chunk_length must be >= 1; got {chunk_length}")
-        self.chunk_length = chunk_length
+    chunk_length: int = 10
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.chunk_length < 1:
+            raise ValueError(f"chunk_length must be >= 1; got {self.chunk_length}")
 
     def keep_mask(self, ctx: LayerContext) -> torch.Tensor:
         scores, rank = self.scores(ctx).float(), ctx.rank
@@ -31,9 +32,6 @@ class ChunkKV(ScorerWrapper):
         totals = scores.new_zeros(*scores.shape[:2], n_chunks).scatter_add_(-1, chunk, scores.masked_fill(~valid, 0))
         counts = scores.new_zeros(totals.shape).scatter_add_(-1, chunk, valid.float())
         chunk_scores = (totals.sum(1) / counts.sum(1).clamp(min=1)).masked_fill(counts.sum(1) == 0, float("-inf"))
-        budget = torch.tensor([self.budget.n_keep(int(n), *ctx.depth) for n in ctx.seen], device=scores.device)
+        budget = torch.tensor([self.allocation.n_keep(int(n), *ctx.depth) for n in ctx.row_lengths], device=scores.device)
         kept_chunks = top_k_per_head(chunk_scores[:, None], (budget // self.chunk_length).clamp(min=1)[:, None])
         return kept_chunks[:, 0].gather(-1, chunk.flatten(1)).view(chunk.shape) & valid
-
-    def settings(self):
-        return super().settings() | {"chunk_length": self.chunk_length}

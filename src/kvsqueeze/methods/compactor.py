@@ -1,6 +1,6 @@
 import torch
 
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import ScorerMethod
 from .leverage_score import by_row, leverage_scores, z_scores
 from .non_causal_attention import non_causal_scores
@@ -17,18 +17,18 @@ class Compactor(ScorerMethod):
     """
 
     name = "compactor"
-    needs_whole_context = True
+    declares = frozenset({"whole_context"})
 
-    def __init__(self, ratio=None, budget=None, sink_size_start: int = 8, sink_size_end: int = 4,
-                 chunk_size: int = 256, sketch_dimension: int = 48, blending: float | None = None, seed: int = 0):
-        super().__init__(ratio, budget)
-        self.sink_size_start, self.sink_size_end = sink_size_start, sink_size_end
-        self.chunk_size, self.sketch_dimension, self.seed = chunk_size, sketch_dimension, seed
-        self.blending = blending
+    sink_size_start: int = 8
+    sink_size_end: int = 4
+    chunk_size: int = 256
+    sketch_dimension: int = 48
+    blending: float | None = None
+    seed: int = 0
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        blending = self.blending if self.blending is not None else (self.budget.ratio or 0.35)
-        keys = ctx.pre_rope_keys
+        blending = self.blending if self.blending is not None else (self.ratio or 0.35)
+        keys = ctx.rope.keys
 
         def blend(rows, start):
             n = ctx.n_stored - start
@@ -45,8 +45,3 @@ class Compactor(ScorerMethod):
             return scores
 
         return by_row(ctx, blend)
-
-    def settings(self):
-        return {"sink_size_start": self.sink_size_start, "sink_size_end": self.sink_size_end,
-                "chunk_size": self.chunk_size, "sketch_dimension": self.sketch_dimension, "blending": self.blending,
-                "seed": self.seed}

@@ -1,4 +1,4 @@
-from ..budgets import HeadAdaptive
+from .adakv import HeadAdaptive
 from .criticalkv import CriticalKV
 
 
@@ -12,7 +12,8 @@ class CriticalAdaKV(CriticalKV):
 
     name = "critical_adakv"
 
-    def __init__(self, ratio=None, budget=None, scorer="snapkv", first_stage_ratio: float = 0.5,
-                 epsilon: float = 1e-4, alpha_safeguard: float = 0.2):
-        super().__init__(ratio, budget, scorer, first_stage_ratio, epsilon)
-        self.budget = HeadAdaptive(self.budget, alpha_safeguard)
+    alpha_safeguard: float = 0.2
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.allocation = HeadAdaptive(self.allocation, self.alpha_safeguard)

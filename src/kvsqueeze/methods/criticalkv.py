@@ -3,7 +3,7 @@ import math
 import torch
 
 from ..budgets import top_k_per_head
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import ScorerMethod, as_scorer
 
 
@@ -34,26 +34,22 @@ class CriticalKV(ScorerMethod):
 
     name = "criticalkv"
 
-    def __init__(self, ratio=None, budget=None, scorer="snapkv", first_stage_ratio: float = 0.5,
-                 epsilon: float = 1e-4):
-        super().__init__(ratio, budget)
-        if not 0 <= first_stage_ratio <= 1:
-            raise ValueError(f"first_stage_ratio must be in [0, 1]; got {first_stage_ratio}")
-        self.scorer = as_scorer(scorer)
-        self.first_stage_ratio, self.epsilon = first_stage_ratio, epsilon
+    scorer: "str | ScorerMethod" = "snapkv"
+    first_stage_ratio: float = 0.5
+    epsilon: float = 1e-4
 
-    def setup(self, model):
-        self.scorer.setup(model)
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.first_stage_ratio <= 1:
+            raise ValueError(f"first_stage_ratio must be in [0, 1]; got {self.first_stage_ratio}")
+        self.scorer = as_scorer(self.scorer)
 
     def keep_mask(self, ctx: LayerContext) -> torch.Tensor:
         scores = self.scorer.scores(ctx).float()
-        counts = self.budget.head_counts(scores, ctx.seen, *ctx.depth).clamp(max=ctx.n_stored)
+        counts = self.allocation.head_counts(scores, ctx.row_lengths, *ctx.depth).clamp(max=ctx.n_stored)
         first = top_k_per_head(scores, (counts * self.first_stage_ratio).floor().long())
         refined = (scores + self.epsilon) * projected_value_norm(ctx)
         refined = refined.masked_fill(first, math.inf)
         if ctx.real is not None:
             refined = refined.masked_fill(~ctx.real, -math.inf)
         return top_k_per_head(refined, counts)
-
-    def settings(self):
-        return {"scorer": self.scorer.name, "first_stage_ratio": self.first_stage_ratio, "epsilon": self.epsilon}

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import ScorerMethod
 
 LEVERAGE_TYPES = {  # how key and value leverage make a token's score
@@ -43,15 +43,18 @@ class CUR(ScorerMethod):
 
     name = "cur"
 
-    def __init__(self, ratio=None, budget=None, n_sink: int = 4, leverage_type: str = "kv_product",
-                 local_window_size: int | None = 16, sketch_dimension: int | None = None, seed: int = 0):
-        super().__init__(ratio, budget)
-        if leverage_type not in LEVERAGE_TYPES:
-            raise ValueError(f"leverage_type must be one of {', '.join(LEVERAGE_TYPES)}; got {leverage_type!r}")
-        if local_window_size is not None and local_window_size < 1:
-            raise ValueError(f"local_window_size must be >= 1 (or None); got {local_window_size}")
-        self.n_sink, self.leverage_type = n_sink, leverage_type
-        self.local_window_size, self.sketch_dimension, self.seed = local_window_size, sketch_dimension, seed
+    n_sink: int = 4
+    leverage_type: str = "kv_product"
+    local_window_size: int | None = 16
+    sketch_dimension: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.leverage_type not in LEVERAGE_TYPES:
+            raise ValueError(f"leverage_type must be one of {', '.join(LEVERAGE_TYPES)}; got {self.leverage_type!r}")
+        if self.local_window_size is not None and self.local_window_size < 1:
+            raise ValueError(f"local_window_size must be >= 1 (or None); got {self.local_window_size}")
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         sketch = None
@@ -65,7 +68,3 @@ class CUR(ScorerMethod):
             key, value = (local_share(e, rank, self.local_window_size) for e in (key, value))
         scores = LEVERAGE_TYPES[self.leverage_type](key, value)
         return scores.masked_fill((rank >= 0) & (rank < self.n_sink), float("inf"))
-
-    def settings(self):
-        return {"n_sink": self.n_sink, "leverage_type": self.leverage_type,
-                "local_window_size": self.local_window_size, "sketch_dimension": self.sketch_dimension, "seed": self.seed}

@@ -1,8 +1,7 @@
-import torch
 
 from ..budgets import top_k_per_head
-from ..hooks import LayerContext
-from .base import Method, as_scorer
+from ..context import LayerContext
+from .base import Method, ScorerMethod, as_scorer
 
 
 class DecodingBudget(Method):
@@ -17,19 +16,17 @@ class DecodingBudget(Method):
     name = "decoding_budget"
     phase = "decode"
 
-    def __init__(self, scorer="knorm", budget: int = 512, interval: int = 16):
-        if budget <= 0 or interval <= 0:
-            raise ValueError(f"budget and interval must be positive; got {budget}, {interval}")
-        self.scorer, self.target, self.interval = as_scorer(scorer), budget, interval
+    scorer: "str | ScorerMethod" = "knorm"
+    budget: int = 512
+    interval: int = 16
 
-    def setup(self, model):
-        self.scorer.setup(model)
+    def __post_init__(self):
+        if self.budget <= 0 or self.interval <= 0:
+            raise ValueError(f"budget and interval must be positive; got {self.budget}, {self.interval}")
+        self.scorer = as_scorer(self.scorer)
 
     def compress(self, ctx: LayerContext) -> None:
-        if int(ctx.held.max()) < self.target + self.interval:
+        if int(ctx.held.max()) < self.budget + self.interval:
             return
-        counts = ctx.held.clamp(max=self.target)
+        counts = ctx.held.clamp(max=self.budget)
         ctx.keep(top_k_per_head(self.scorer.scores(ctx), counts))
-
-    def describe(self):
-        return {"scorer": self.scorer.name, "budget": self.target, "interval": self.interval}

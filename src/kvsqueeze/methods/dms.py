@@ -1,7 +1,7 @@
 import torch
 
-from ..hooks import LayerContext
-from .base import Method, as_scorer
+from ..context import LayerContext
+from .base import Method, ScorerMethod, as_scorer
 
 
 class DMS(Method):
@@ -17,13 +17,15 @@ class DMS(Method):
 
     name = "dms"
 
-    def __init__(self, threshold: float, scorer="knorm", window_size: int = 128, decoding: bool = False):
-        self.threshold, self.window_size, self.decoding = float(threshold), window_size, decoding
-        self.scorer = as_scorer(scorer)
-        self.phase = "both" if decoding else "prefill"
+    threshold: float
+    scorer: "str | ScorerMethod" = "knorm"
+    window_size: int = 128
+    decoding: bool = False
 
-    def setup(self, model):
-        self.scorer.setup(model)
+    def __post_init__(self):
+        self.threshold = float(self.threshold)
+        self.scorer = as_scorer(self.scorer)
+        self.phase = "both" if self.decoding else "prefill"
 
     def compress(self, ctx: LayerContext) -> None:
         real = ctx.real if ctx.real is not None else torch.ones(ctx.keys.shape[:-1], dtype=torch.bool,
@@ -33,7 +35,3 @@ class DMS(Method):
         if bool((keep | ~real).all()):
             return  # nothing leaves: no copy
         ctx.keep(keep & real)
-
-    def describe(self):
-        return {"threshold": self.threshold, "scorer": self.scorer.name, "window_size": self.window_size,
-                "decoding": self.decoding}

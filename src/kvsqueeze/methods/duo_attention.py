@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import torch
 
 from ..head_scores import load_head_scores
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import Method
 
 
@@ -19,15 +21,18 @@ class DuoAttention(Method):
     name = "duo_attention"
     calibration = "duo_attention"
 
-    def __init__(self, head_patterns=None, sparsity: float = 0.5, threshold: float | None = None,
-                 sink_size: int = 64, recent_size: int = 256):
-        if head_patterns is None:
+    head_patterns: "str | Path | torch.Tensor | None" = None
+    sparsity: float = 0.5
+    threshold: float | None = None
+    sink_size: int = 64
+    recent_size: int = 256
+
+    def __post_init__(self):
+        if self.head_patterns is None:
             raise ValueError("DuoAttention needs head patterns: head_patterns=FILE from "
                              "`kvsqueeze calibrate duo_attention --out FILE` (or the authors' .tsv)")
-        if not 0 <= sparsity <= 1:
-            raise ValueError(f"sparsity is the fraction of streaming heads, in [0, 1]; got {sparsity}")
-        self.head_patterns, self.sparsity, self.threshold = head_patterns, sparsity, threshold
-        self.sink_size, self.recent_size = sink_size, recent_size
+        if not 0 <= self.sparsity <= 1:
+            raise ValueError(f"sparsity is the fraction of streaming heads, in [0, 1]; got {self.sparsity}")
 
     def setup(self, model):
         gates = load_head_scores(self.head_patterns, model, "duo_attention")
@@ -49,7 +54,3 @@ class DuoAttention(Method):
         window = (rank < self.sink_size) | (rank >= ctx.held[..., None] - self.recent_size)
         keep = (~streaming[None, :, None] | window) & (rank >= 0)
         ctx.keep(keep, rows=long_enough)
-
-    def describe(self):
-        return {"head_patterns": str(self.head_patterns)[:80], "sparsity": self.sparsity,
-                "threshold": self.threshold, "sink_size": self.sink_size, "recent_size": self.recent_size}

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .chunkkv import ChunkKV
 
 
@@ -65,13 +65,13 @@ class EntropyGatedChunkKV(ChunkKV):
 
     name = "entropy_gated_chunkkv"
 
-    def __init__(self, ratio=None, budget=None, scorer="snapkv", chunk_length: int = 10,
-                 low_entropy_chunk_length: int = 4):
-        super().__init__(ratio, budget, scorer, chunk_length)
-        if not 1 <= low_entropy_chunk_length < chunk_length:
+    low_entropy_chunk_length: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.low_entropy_chunk_length < self.chunk_length:
             raise ValueError("low_entropy_chunk_length must be in [1, chunk_length); "
-                             f"got {low_entropy_chunk_length} with chunk_length {chunk_length}")
-        self.low_entropy_chunk_length = low_entropy_chunk_length
+                             f"got {self.low_entropy_chunk_length} with chunk_length {self.chunk_length}")
 
     def keep_mask(self, ctx: LayerContext) -> torch.Tensor:
         scores, rank = self.scores(ctx).float(), ctx.rank
@@ -86,12 +86,9 @@ class EntropyGatedChunkKV(ChunkKV):
         totals = scores.new_zeros(scores.shape[0], n_slots).scatter_add_(-1, slot, finite.flatten(1))
         counts = scores.new_zeros(totals.shape).scatter_add_(-1, slot, valid.flatten(1).float())
         keep = torch.zeros(totals.shape, dtype=torch.bool, device=scores.device)
-        for b, seen in enumerate(ctx.seen.tolist()):
+        for b, seen in enumerate(ctx.row_lengths.tolist()):
             n = int((counts[b] > 0).sum())
-            budget = max(1, min(self.budget.n_keep(seen, *ctx.depth), n))
+            budget = max(1, min(self.allocation.n_keep(seen, *ctx.depth), n))
             keep[b, :n] = gated_chunk_selection(totals[b, :n] / counts[b, :n], self.chunk_length,
                                                 self.low_entropy_chunk_length, budget)
         return keep.gather(-1, slot).view(rank.shape) & valid
-
-    def settings(self):
-        return super().settings() | {"low_entropy_chunk_length": self.low_entropy_chunk_length}

@@ -1,6 +1,8 @@
+from pathlib import Path
+
 import torch
 
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import ScorerMethod
 
 
@@ -31,15 +33,15 @@ def context_queries(ctx: LayerContext, n_sink: torch.Tensor) -> tuple[torch.Tens
     counted = (ctx.rank[:, 0, -ctx.n_new:] >= n_sink[:, 0]).float()  # [batch, new]
     if ctx.new_real is not None:
         counted = counted * ctx.new_real.float()
-    queries, weights = ctx.pre_rope_queries.float(), counted[:, None, :, None]
+    queries, weights = ctx.rope.queries.float(), counted[:, None, :, None]
     return queries, weights, (queries * weights).sum(2) / counted.sum(-1).clamp(min=1)[:, None, None]
 
 
 def future_rotation(ctx: LayerContext, n_future_positions: int) -> torch.Tensor:
     """[batch, d, d]: the mean RoPE rotation of the next `n_future_positions` positions of each row (after its length)."""
     return torch.stack([
-        mean_rotation(*(t[0].float() for t in ctx.rotary_at(torch.arange(seen, seen + n_future_positions))),
-                      ctx.head_dim) for seen in ctx.seen.tolist()])
+        mean_rotation(*(t[0].float() for t in ctx.rope.at(torch.arange(seen, seen + n_future_positions))),
+                      ctx.head_dim) for seen in ctx.row_lengths.tolist()])
 
 
 class ExpectedAttention(ScorerMethod):
@@ -62,12 +64,16 @@ class ExpectedAttention(ScorerMethod):
     calibration = "expected_attention"
     calibration_required = False
 
-    def __init__(self, ratio=None, budget=None, n_future_positions: int = 512, n_sink: int = 4,
-                 use_covariance: bool = True, use_vnorm: bool = True, epsilon: float = 0.0, stats=None):
-        super().__init__(ratio, budget)
-        self.n_future_positions, self.n_sink = n_future_positions, n_sink
-        self.use_covariance, self.use_vnorm, self.epsilon = use_covariance, use_vnorm, epsilon
-        self.stats, self.loaded = stats, None
+    n_future_positions: int = 512
+    n_sink: int = 4
+    use_covariance: bool = True
+    use_vnorm: bool = True
+    epsilon: float = 0.0
+    stats: "str | Path | None" = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.loaded = None
 
     def setup(self, model):
         if self.stats is not None:
@@ -109,8 +115,3 @@ class ExpectedAttention(ScorerMethod):
         if self.use_vnorm:
             scores = (scores + self.epsilon) * ctx.values.float().norm(dim=-1)
         return scores.masked_fill(sink, float("inf"))
-
-    def settings(self):
-        return {"n_future_positions": self.n_future_positions, "n_sink": self.n_sink,
-                "use_covariance": self.use_covariance, "use_vnorm": self.use_vnorm, "epsilon": self.epsilon} | (
-                    {} if self.stats is None else {"stats": str(self.stats)[:80]})

@@ -7,10 +7,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..budgets import Uniform
-from ..hooks import LayerContext
-from ..ragged import RaggedLayer
-from .base import Method
+from ..context import LayerContext
+from .base import Budgeted
 from .kvzap import default_texts, kvzip_targets, read_module, save_module
 from .kvzip import select
 
@@ -86,7 +84,7 @@ def model_shape(model) -> tuple[int, int, int, int]:
     return config.num_hidden_layers, config.hidden_size, kv_heads, heads // kv_heads
 
 
-class FastKVzip(Method):
+class FastKVzip(Budgeted):
     """Keeps the KV pairs that small trained gates, reading each token's hidden state, predict KVzip would keep.
 
     Kim, Han and Yun, "Fast KVzip: Efficient and Accurate LLM Inference with Gated KV Eviction",
@@ -104,27 +102,28 @@ class FastKVzip(Method):
 
     name = "fastkvzip"
     calibration = "fastkvzip"  # train_gates
-    needs_whole_context = True  # selection over all layers: the scores of earlier chunks' tokens are not kept
+    declares = frozenset({"whole_context"})  # selection over all layers: the scores of earlier chunks' tokens are not kept
 
-    def __init__(self, ratio: float | None = None, budget: int | None = None, gates=None, level: str = "pair",
-                 n_sink: int = 4, window_ratio: float = 0.02, window_size: int = 4096):
-        if gates is None:
+    gates: "str | Path | Gates | None" = None
+    level: str = "pair"
+    n_sink: int = 4
+    window_ratio: float = 0.02
+    window_size: int = 4096
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.gates is None:
             raise ValueError("FastKVzip needs gates trained on your model: gates=FILE from "
                              "kvsqueeze.methods.fastkvzip.train_gates(model, tokenizer, out=FILE)")
-        if level not in ("pair", "layer", "head"):
-            raise ValueError(f"level is 'pair', 'layer' or 'head'; got {level!r}")
-        self.budget = Uniform(ratio=0.5 if ratio is None and budget is None else ratio, tokens=budget)
-        self.gates, self.level, self.n_sink = gates, level, n_sink
-        self.source = "<gates>" if isinstance(gates, Gates) else str(gates)
-        self.window_ratio, self.window_size = window_ratio, window_size
+        if self.level not in ("pair", "layer", "head"):
+            raise ValueError(f"level is 'pair', 'layer' or 'head'; got {self.level!r}")
         # this prefill's scores and real tokens (not padding), per layer, until the last layer has been seen
         self.scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def setup(self, model):
-        if not isinstance(self.gates, Gates):
-            self.gates = Gates.load(self.gates)
-        if self.gates.shape != model_shape(model):
-            raise ValueError(f"these FastKVzip gates were made for {self.gates.shape} (layers, hidden size, KV heads, "
+        self.trained = self.gates if isinstance(self.gates, Gates) else Gates.load(self.gates)
+        if self.trained.shape != model_shape(model):
+            raise ValueError(f"these FastKVzip gates were made for {self.trained.shape} (layers, hidden size, KV heads, "
                              f"group), not this model's {model_shape(model)}: train gates with train_gates")
         self.scores = {}
 
@@ -135,10 +134,10 @@ class FastKVzip(Method):
         if ctx.n_stored != ctx.n_new:
             raise ValueError("FastKVzip scores the tokens of the forward that adds them: compress the whole "
                              "context at once")
-        seen = ctx.seen.tolist()
-        if all(self.budget.n_keep(n) >= n for n in seen):
+        seen = ctx.row_lengths.tolist()
+        if all(self.allocation.n_keep(n) >= n for n in seen):
             return  # nothing to evict: ratio 0 reproduces the model exactly
-        scores = self.gates(ctx.layer_idx, ctx.hidden_states).to(ctx.keys.device)
+        scores = self.trained(ctx.layer_idx, ctx.hidden_states).to(ctx.keys.device)
         rank = ctx.rank  # position among the row's real tokens, -1 for padding
         recent = torch.tensor([n - self.window(n) for n in seen], device=rank.device)[:, None, None]
         protected = (rank >= 0) & ((rank < self.n_sink) | (rank >= recent))
@@ -148,17 +147,12 @@ class FastKVzip(Method):
         if index == n_layers - 1:  # every layer is scored: choose over all of them
             layers = sorted(self.scores)
             scores, real = zip(*(self.scores.pop(i) for i in layers))
-            totals = torch.tensor([self.budget.n_keep(n) * scores[0].shape[1] * len(layers) for n in seen])
-            for i, keep, then in zip(layers, select(list(scores), totals, self.level, self.budget, seen), real):
-                layer = ctx.cache.layers[i]
-                if isinstance(layer, RaggedLayer):  # quantized since it was scored: the same real tokens, packed
-                    now = layer.dense_view()[2]
+            totals = torch.tensor([self.allocation.n_keep(n) * scores[0].shape[1] * len(layers) for n in seen])
+            for i, keep, then in zip(layers, select(list(scores), totals, self.level, self.allocation, seen), real):
+                now = ctx.cache.layers[i].dense_view()[2]
+                if now is not None:  # quantized since it was scored: the same real tokens, laid out anew
                     keep = torch.zeros_like(now).masked_scatter_(now, keep[then])
                 ctx.cache.keep(i, keep)
-
-    def describe(self):
-        return self.budget.describe() | {"gates": self.source, "level": self.level, "n_sink": self.n_sink,
-                                         "window_ratio": self.window_ratio, "window_size": self.window_size}
 
 
 def train_gates(model, tokenizer, texts: list[str] | None = None, out: str | Path | None = None, dim: int = 16,

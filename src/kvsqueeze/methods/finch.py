@@ -1,6 +1,6 @@
 import torch
 
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import ScorerMethod
 from .key_rerotation import RerotatingContext
 from .snapkv import row_windows, window_attention
@@ -22,13 +22,15 @@ class Finch(ScorerMethod):
 
     name = "finch"
 
-    def __init__(self, ratio=None, budget=None, delimiter_id: int | None = None, window_size: int = 32,
-                 normalize: bool = True, rerotate_keys: bool = True):
-        super().__init__(ratio, budget)
-        if window_size < 1:
-            raise ValueError(f"window_size must be >= 1; got {window_size}")
-        self.delimiter_id, self.window_size = delimiter_id, window_size
-        self.normalize, self.rerotate_keys = normalize, rerotate_keys
+    delimiter_id: int | None = None
+    window_size: int = 32
+    normalize: bool = True
+    rerotate_keys: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.window_size < 1:
+            raise ValueError(f"window_size must be >= 1; got {self.window_size}")
         self._windows: torch.Tensor | None = None
 
     def before_forward(self, kwargs):
@@ -63,7 +65,3 @@ class Finch(ScorerMethod):
 
     def compress(self, ctx: LayerContext) -> None:
         super().compress(RerotatingContext.of(ctx) if self.rerotate_keys else ctx)
-
-    def settings(self):
-        return {"delimiter_id": self.delimiter_id, "window_size": self.window_size, "normalize": self.normalize,
-                "rerotate_keys": self.rerotate_keys}

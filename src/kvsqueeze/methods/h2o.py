@@ -1,7 +1,7 @@
 import torch
 
 from ..budgets import top_k_per_head
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import Method
 
 
@@ -43,23 +43,21 @@ class H2O(Method):
     name = "h2o"
     phase = "both"
 
-    def __init__(self, budget: int = 512, recent_ratio: float = 0.5):
-        if budget <= 0 or not 0 <= recent_ratio <= 1:
-            raise ValueError(f"H2O needs budget > 0 and recent_ratio in [0, 1]; got {budget}, {recent_ratio}")
-        self.target, self.recent_ratio = budget, recent_ratio
+    budget: int = 512
+    recent_ratio: float = 0.5
+
+    def __post_init__(self):
+        if self.budget <= 0 or not 0 <= self.recent_ratio <= 1:
+            raise ValueError(f"H2O needs budget > 0 and recent_ratio in [0, 1]; got {self.budget}, {self.recent_ratio}")
 
     def compress(self, ctx: LayerContext) -> None:
-        layer = ctx.layer
-        previous = layer.state.get("h2o")
+        previous = ctx.recall("h2o")
         fresh = accumulated_attention(ctx)
         if previous is not None and previous.shape[-1] <= fresh.shape[-1]:
             fresh[..., : previous.shape[-1]] += previous
-        layer.state = {**layer.state, "h2o": fresh}
-        if int(ctx.held.max()) <= self.target:
+        ctx.remember("h2o", fresh)
+        if int(ctx.held.max()) <= self.budget:
             return
-        recent = int(self.target * self.recent_ratio)
+        recent = int(self.budget * self.recent_ratio)
         scores = fresh.masked_fill(ctx.rank >= ctx.held[..., None] - recent, float("inf"))
-        ctx.keep(top_k_per_head(scores, ctx.held.clamp(max=self.target)))
-
-    def describe(self):
-        return {"budget": self.target, "recent_ratio": self.recent_ratio}
+        ctx.keep(top_k_per_head(scores, ctx.held.clamp(max=self.budget)))

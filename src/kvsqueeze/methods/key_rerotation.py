@@ -1,9 +1,6 @@
-from dataclasses import dataclass, fields
-
 import torch
 
-from ..hooks import LayerContext, rotate_half
-from ..ragged import RaggedLayer
+from ..context import LayerContext, rotate_half
 from .base import Method
 
 
@@ -21,7 +18,7 @@ def rerotated_keys(ctx: LayerContext, keep: torch.Tensor) -> torch.Tensor:
     if not bool(shift.any()):
         return keys
     shifts, where = shift.unique(return_inverse=True)
-    cos, sin = (t[0].float() for t in ctx.rotary_at(torch.cat([shifts.new_zeros(1), shifts])))
+    cos, sin = (t[0].float() for t in ctx.rope.at(torch.cat([shifts.new_zeros(1), shifts])))
     scale = cos[0, 0]  # the model's attention scaling, cos at position 0: a rotation has none
     cos, sin = cos[1:][where] / scale, sin[1:][where] / scale
     width = cos.shape[-1]
@@ -30,28 +27,23 @@ def rerotated_keys(ctx: LayerContext, keep: torch.Tensor) -> torch.Tensor:
     return torch.cat([rotated.to(keys.dtype), keys[..., width:]], dim=-1)
 
 
-@dataclass
 class RerotatingContext(LayerContext):
-    """A LayerContext whose `keep` re-rotates the kept keys (see `rerotated_keys`) before the others are freed."""
+    """A LayerContext whose `keep` re-rotates the kept keys (see `rerotated_keys`) as the others are freed."""
 
     @classmethod
     def of(cls, ctx: LayerContext) -> "RerotatingContext":
-        return cls(**{f.name: getattr(ctx, f.name) for f in fields(ctx)})
+        return cls(ctx.module, ctx.cache, ctx.hidden_states, ctx.position_embeddings, ctx.attention_weights,
+                   ctx.observed_queries, ctx.rotary_embedding)
 
-    def keep(self, mask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    def keep(self, mask, rows=None, keys=None, values=None) -> None:
+        if keys is not None:
+            raise NotImplementedError("KeyRerotation wraps methods that keep tokens as they are")
+        if self.layer.key_channels is not None:
+            self.prune_key_channels(self.layer.key_channels)
         mask = self.in_rows(mask, rows)
         if self.real is not None:
             mask = mask & self.real
-        layer = self.layer
-        if isinstance(layer, RaggedLayer) and layer.key_channels is not None:
-            self.prune_key_channels(layer.key_channels)
-        keys = rerotated_keys(self, mask)
-        if isinstance(layer, RaggedLayer):  # packed pages: repack the kept tokens with their new keys
-            self.cache.layers[self.layer_idx] = RaggedLayer.from_dense(
-                keys, self.values, mask, layer.seen, codec=layer.codec).inherit(layer)
-        else:
-            layer.keys = keys  # a new tensor: forks of the cache keep theirs
-            self.cache.keep(self.layer_idx, mask)
+        super().keep(mask, keys=rerotated_keys(self, mask), values=values)
 
     def prune_key_channels(self, channels: torch.Tensor) -> None:
         raise NotImplementedError("keys whose channels are pruned cannot be re-rotated: KeyRerotation wraps methods "
@@ -77,38 +69,25 @@ class KeyRerotation(Method):
 
     name = "key_rerotation"
 
-    def __init__(self, ratio=None, budget=None, method: "str | Method" = "snapkv"):
-        if isinstance(method, str):
+    ratio: float | None = None
+    budget: int | None = None
+    method: "str | Method" = "snapkv"
+
+    def __post_init__(self):
+        if isinstance(self.method, str):
             from . import build
 
-            method = build(method, ratio=ratio, budget=budget)
-        elif ratio is not None or budget is not None:
+            self.method = build(self.method, ratio=self.ratio, budget=self.budget)
+        elif self.ratio is not None or self.budget is not None:
             raise ValueError("give ratio / budget to the wrapped method itself when it is an instance")
-        if method.decides_after_prefill():
-            raise ValueError(f"KeyRerotation cannot wrap {type(method).__name__}: it evicts after the prefill, from the "
-                             "whole cache, where no keys can be re-rotated")
-        self.method = method
-        self.phase = method.phase
-        self.needs_whole_context = method.needs_whole_context
-        self.changes_prefill = method.changes_prefill
-
-    def setup(self, model):
-        self.method.setup(model)
-
-    def before_forward(self, kwargs):
-        self.method.before_forward(kwargs)
+        self.ratio = self.budget = None  # they are the wrapped method's
+        if self.method.has("after_prefill"):
+            raise ValueError(f"KeyRerotation cannot wrap {type(self.method).__name__}: it evicts after the prefill, "
+                             "from the whole cache, where no keys can be re-rotated")
+        self.phase = self.method.phase
 
     def acts_on(self, ctx: LayerContext) -> bool:
         return self.method.acts_on(ctx)
 
     def compress(self, ctx: LayerContext) -> None:
         self.method.compress(RerotatingContext.of(ctx))
-
-    def attend(self, module, query, key, value, mask, attend, **kwargs):
-        return self.method.attend(module, query, key, value, mask, attend, **kwargs)
-
-    def overrides_attention(self) -> bool:
-        return self.method.overrides_attention()
-
-    def describe(self):
-        return {"method": self.method}

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import ScorerMethod
 
 

@@ -2,10 +2,10 @@ import math
 
 import torch
 
-from .. import attention
 from ..budgets import top_k_mask
-from ..cache import EvictingLayer, as_squeeze_cache
-from ..hooks import LayerContext
+from ..convert import as_squeeze_cache
+from ..hooks import attach
+from ..context import LayerContext
 from .base import ScorerMethod
 
 
@@ -35,21 +35,24 @@ def l2_compress(past_key_values, keep_ratio: float = 1.0, prune_after: int = 204
     continues at the right positions.
 
     Skipped or short layers keep more tokens than the others, and a multi-token forward on such a
-    cache needs each layer's own mask: pass `model=` (or call `kvsqueeze.attention.install(model)`
-    once) to route the model's attention through kvsqueeze.
+    cache needs each layer's own mask: pass `model=` to route the model's attention through kvsqueeze
+    for good (`kvsqueeze.hooks.attach`; `kvsqueeze.hooks.detach(model)` gives it back), or run the model
+    inside `with kvsqueeze.attached(model):`.
     """
     if not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio is the fraction of tokens kept and must be in (0, 1]; got {keep_ratio}")
     if prune_after < 0:
         raise ValueError(f"prune_after must be >= 0; got {prune_after}")
     if model is not None:
-        attention.install(model)
+        attach(model)
     cache = as_squeeze_cache(past_key_values)
-    for index, layer in enumerate(cache.layers):
-        if index in set(skip_layers) or not isinstance(layer, EvictingLayer) or layer.stored < max(prune_after, 1):
+    for index in cache.compressible:
+        if index in set(skip_layers) or cache.layers[index].stored < max(prune_after, 1):
             continue
-        n_keep = math.ceil(keep_ratio * layer.stored)
-        if n_keep < layer.stored:
-            cache.keep(index, top_k_mask(-layer.keys.float().norm(dim=-1), n_keep))
+        keys, _, real = cache.layers[index].dense_view()
+        n_keep = math.ceil(keep_ratio * keys.shape[-2])
+        if n_keep < keys.shape[-2]:
+            norms = -keys.float().norm(dim=-1)
+            cache.keep(index, top_k_mask(norms if real is None else norms.masked_fill(~real, float("-inf")), n_keep))
     cache.quantize()  # the layers of a transformers quantized cache are stored quantized again
     return cache

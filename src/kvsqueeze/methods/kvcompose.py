@@ -1,6 +1,6 @@
 import torch
 
-from ..budgets import Uniform, top_k_per_head
+from ..budgets import top_k_per_head
 from .kvzip import ReplayMethod, attention_to, observe, real_positions, rows
 
 
@@ -23,16 +23,19 @@ class KVCompose(ReplayMethod):
 
     name = "kvcompose"
 
-    def __init__(self, ratio: float | None = None, budget: int | None = None, structured: bool = True,
-                 agg_task: str = "max", agg_group: str = "mean", agg_head: str = "mean", add_v_norm: bool = False,
-                 add_mean_across_heads: bool = True, keep_token_lower_bound: int = 0):
-        for what, value in (("agg_task", agg_task), ("agg_group", agg_group), ("agg_head", agg_head)):
-            if value not in ("max", "mean"):
-                raise ValueError(f"{what} is 'max' or 'mean'; got {value!r}")
-        self.budget = Uniform(ratio=0.5 if ratio is None and budget is None else ratio, tokens=budget)
-        self.structured, self.agg_task, self.agg_group, self.agg_head = structured, agg_task, agg_group, agg_head
-        self.add_v_norm, self.add_mean_across_heads = add_v_norm, add_mean_across_heads
-        self.keep_token_lower_bound = keep_token_lower_bound
+    structured: bool = True
+    agg_task: str = "max"
+    agg_group: str = "mean"
+    agg_head: str = "mean"
+    add_v_norm: bool = False
+    add_mean_across_heads: bool = True
+    keep_token_lower_bound: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        for what in ("agg_task", "agg_group", "agg_head"):
+            if getattr(self, what) not in ("max", "mean"):
+                raise ValueError(f"{what} is 'max' or 'mean'; got {getattr(self, what)!r}")
 
     def decide(self, model, cache, ids, attention_mask, prompt, layers, seen):
         scores = self.scores(model, cache, ids, attention_mask)
@@ -64,7 +67,7 @@ class KVCompose(ReplayMethod):
         batch, n_layers, heads, stored = scores.shape
         ranked = scores.sort(-1, descending=True).values  # a head's j-th best score: its part of composite token j
         bonus = (torch.arange(stored, device=scores.device) < self.keep_token_lower_bound) * 1e9
-        totals = torch.tensor([self.budget.n_keep(n) * n_layers for n in seen], device=scores.device)
+        totals = torch.tensor([self.allocation.n_keep(n) * n_layers for n in seen], device=scores.device)
         if self.structured:
             composite = ranked.mean(2) if self.agg_head == "mean" else ranked.amax(2)  # [batch, layers, stored]
             composite = composite + bonus
@@ -75,10 +78,4 @@ class KVCompose(ReplayMethod):
             chosen = top_k_per_head((ranked + bonus).flatten(1)[:, None], totals[:, None] * heads)[:, 0]
             counts = chosen.view_as(ranked).sum(-1)
         return top_k_per_head(scores, counts.clamp(max=stored))
-
-    def describe(self):
-        return self.budget.describe() | {
-            "structured": self.structured, "agg_task": self.agg_task, "agg_group": self.agg_group,
-            "agg_head": self.agg_head, "add_v_norm": self.add_v_norm,
-            "add_mean_across_heads": self.add_mean_across_heads, "keep_token_lower_bound": self.keep_token_lower_bound}
 

@@ -2,8 +2,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..hooks import attention_modules
-from ..models import frozen
+from ..models import attention_modules, frozen
 from .kvzip import KVzip, observe, repeat_inputs, rows, sink_length
 
 
@@ -71,9 +70,7 @@ class KVgrad(KVzip):
 
     name = "kvgrad"
 
-    def __init__(self, ratio: float | None = None, budget: int | None = None, level: str = "pair",
-                 chunk_size: int = 512, n_sink: int = 4):
-        super().__init__(ratio, budget, level, chunk_size, n_sink)
+    chunk_size: int = 512
 
     def importance(self, model, cache, ids, attention_mask=None, prompt=None) -> dict[int, torch.Tensor]:
         scores: dict[int, torch.Tensor] = {}
@@ -91,6 +88,3 @@ class KVgrad(KVzip):
                         self.score_chunk(scores, ctx, b, ids.shape[0], sink, start, end, grad.float().norm(dim=-1),
                                          value_norms=True)
         return scores
-
-    def describe(self):
-        return self.budget.describe() | {"level": self.level, "chunk_size": self.chunk_size, "n_sink": self.n_sink}

@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..hooks import LayerContext
+from ..context import LayerContext
+from ..hooks import observing
 from .base import ScorerMethod
 from .dms import DMS
 from .kvzip import KVzip
@@ -94,64 +95,41 @@ class KVzap(ScorerMethod):
 
     name = "kvzap"
     calibration = "kvzap"
-    needs_whole_context = True  # the scores of earlier chunks' tokens are not kept
+    declares = frozenset({"whole_context"})  # the scores of earlier chunks' tokens are not kept
 
-    def __init__(self, ratio: float | None = None, budget: int | None = None, surrogate=None,
-                 threshold: float | None = None, window_size: int = 128):
-        if surrogate is None:
+    surrogate: "str | Path | Surrogate | None" = None
+    threshold: float | None = None
+    window_size: int = 128
+
+    def __post_init__(self):
+        if self.surrogate is None:
             raise ValueError("KVzap needs a surrogate trained on your model: surrogate=FILE from "
                              "kvsqueeze.methods.kvzap.train_surrogate(model, tokenizer, out=FILE)")
-        if threshold is not None and (ratio is not None or budget is not None):
+        if self.threshold is not None and (self.ratio is not None or self.budget is not None):
             raise ValueError("give KVzap a threshold or a ratio / budget, not both")
-        super().__init__(ratio, budget)
-        self.surrogate, self.threshold, self.window_size = surrogate, threshold, window_size
-        self.dms = None if threshold is None else DMS(threshold, scorer=self, window_size=window_size)
+        super().__post_init__()
+        if self.threshold is not None:
+            self.ratio = None  # the threshold decides, not a ratio
+        self.dms = None if self.threshold is None else DMS(self.threshold, scorer=self, window_size=self.window_size)
 
     def setup(self, model):
-        if not isinstance(self.surrogate, Surrogate):
-            self.surrogate = Surrogate.load(self.surrogate)
+        self.trained = self.surrogate if isinstance(self.surrogate, Surrogate) else Surrogate.load(self.surrogate)
         config = model.config.get_text_config()
         expected = (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads)
-        if self.surrogate.shape != expected:
-            raise ValueError(f"this KVzap surrogate was made for {self.surrogate.shape} (layers, hidden size, KV heads), "
+        if self.trained.shape != expected:
+            raise ValueError(f"this KVzap surrogate was made for {self.trained.shape} (layers, hidden size, KV heads), "
                              f"not this model's {expected}: train one with train_surrogate")
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         if ctx.n_stored != ctx.n_new:
             raise ValueError("KVzap scores the tokens of the forward that adds them: compress the whole context at once")
-        return self.surrogate(ctx.layer_idx, ctx.hidden_states).float()
+        return self.trained(ctx.layer_idx, ctx.hidden_states).float()
 
     def compress(self, ctx: LayerContext) -> None:
         if self.dms is None:
             super().compress(ctx)
         else:
             self.dms.compress(ctx)
-
-    def describe(self):
-        budget = {"threshold": self.threshold, "window_size": self.window_size} if self.dms else self.budget.describe()
-        source = self.surrogate if not isinstance(self.surrogate, Surrogate) else f"<{self.surrogate.kind} surrogate>"
-        return budget | {"surrogate": str(source)[:80]}
-
-
-class _Recorder(KVzip):
-    """KVzip(+) that evicts nothing: records each layer's hidden states during the prefill and the scores after."""
-
-    name = ""  # not registered
-
-    def __init__(self, plus: bool = True, chunk_size: int = 2000):
-        super().__init__(ratio=0.5, plus=plus, chunk_size=chunk_size)
-        self.hidden: dict[int, torch.Tensor] = {}
-        self.scores: dict[int, torch.Tensor] = {}
-
-    def acts_on(self, ctx):
-        return True
-
-    def compress(self, ctx):
-        self.hidden[ctx.layer_idx] = ctx.hidden_states[0].float().cpu()
-
-    def after_prefill(self, model, cache, ids, attention_mask=None, prompt=None):
-        self.scores = {i: s[0].float().cpu() for i, s in self.importance(model, cache, ids, attention_mask,
-                                                                           prompt).items()}
 
 
 def kvzip_targets(model, tokenizer, texts: list[str], plus: bool = True, progress: bool = True
@@ -160,13 +138,18 @@ def kvzip_targets(model, tokenizer, texts: list[str], plus: bool = True, progres
     chat template's header left out), from KVzip's reconstruction on the full cache."""
     from ..pipeline import compress
 
+    scorer = KVzip(plus=plus)
     pairs: dict[int, list] = {}
     for text in tqdm(texts, desc="KVzip scores", disable=not progress):
-        recorder = _Recorder(plus=plus)
-        compress(model, tokenizer, text, recorder)
-        for layer, scores in recorder.scores.items():
+        hidden: dict[int, torch.Tensor] = {}
+        with observing(model, lambda ctx: hidden.__setitem__(ctx.layer_idx, ctx.hidden_states[0].float().cpu())):
+            ctx = compress(model, tokenizer, text)
+        with torch.no_grad():
+            importance = scorer.importance(model, ctx.cache, ctx.context_ids, ctx.context_mask, ctx.prompt)
+        for layer, scores in importance.items():
+            scores = scores[0].float().cpu()
             scored = torch.isfinite(scores[0])
-            pairs.setdefault(layer, []).append((recorder.hidden[layer][scored], scores[:, scored].T))
+            pairs.setdefault(layer, []).append((hidden[layer][scored], scores[:, scored].T))
     return {layer: (torch.cat([h for h, _ in p]), torch.cat([s for _, s in p])) for layer, p in pairs.items()}
 
 

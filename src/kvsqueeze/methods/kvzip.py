@@ -1,25 +1,13 @@
 import torch
 
 from ..budgets import Uniform, top_k_per_head
-from ..cache import CompressibleLayer
-from ..hooks import LayerContext, cache_argument, hooked
-from .base import Method
+from ..context import LayerContext
+from ..hooks import observing
+from ..models import cache_argument
+from .base import Budgeted
 
 REPEAT_FIRST = "\n\nRepeat the previous context exactly."
 REPEAT_NEXT = "\n\nRepeat the part of the previous context exactly, starting with"
-
-
-class _Observer(Method):
-    """Hands every compressible attention layer of a forward to a callback; evicts nothing."""
-
-    def __init__(self, callback):
-        self.callback = callback
-
-    def acts_on(self, ctx):
-        return True
-
-    def compress(self, ctx):
-        self.callback(ctx)
 
 
 def appended(attention_mask: torch.Tensor, n: int, start: "int | torch.Tensor") -> dict:
@@ -35,7 +23,7 @@ def observe(model, cache, ids: torch.Tensor, callback, attention_mask=None, star
     `callback(ctx)` after each compressible attention layer. `start`: the position of the first new token;
     `attention_mask` marks the cache's left padding (then extended over the new tokens)."""
     extra = {} if attention_mask is None else appended(attention_mask.to(model.device), ids.shape[1], start)
-    with hooked(model, _Observer(callback)):
+    with observing(model, callback):
         model.base_model(input_ids=ids.to(model.device), **{cache_argument(model): cache.fork()}, use_cache=True, **extra)
 
 
@@ -51,32 +39,27 @@ def rows(cache, ids: torch.Tensor, attention_mask: torch.Tensor | None):
         yield b, fork, real, None if mask is None or bool(mask.all()) else mask
 
 
-def compressible_layers(cache) -> list[int]:
-    return [i for i, layer in enumerate(cache.layers) if isinstance(layer, CompressibleLayer)]
-
-
 def eviction_plan(cache, ids: torch.Tensor, budget) -> tuple[list[int], list[int]] | None:
     """(the compressible layers, each row's real length) when `budget` evicts something from the prefilled context;
     None when it keeps everything (then no extra forward runs, and the model is reproduced exactly)."""
-    layers = compressible_layers(cache)
+    layers = cache.compressible
     if not layers:
         return None
     seen = cache.layers[layers[0]].row_lengths(ids.shape[0]).tolist()
     return None if all(budget.n_keep(n) >= n for n in seen) else (layers, seen)
 
 
-class ReplayMethod(Method):
+class ReplayMethod(Budgeted):
     """A method that decides once the whole context is prefilled, from extra forwards over it (KVzip, KVCompose):
     nothing during the prefill, then `decide` evicts, unless the budget keeps everything (no extra forward)."""
 
-    needs_whole_context = True
-    changes_prefill = True
+    declares = frozenset({"whole_context", "changes_prefill", "after_prefill"})
 
     def acts_on(self, ctx):
         return False
 
     def after_prefill(self, model, cache, ids, attention_mask=None, prompt=None):
-        plan = eviction_plan(cache, ids, self.budget)
+        plan = eviction_plan(cache, ids, self.allocation)
         if plan is not None:
             self.decide(model, cache, ids, attention_mask, prompt, *plan)
 
@@ -196,14 +179,17 @@ class KVzip(ReplayMethod):
 
     name = "kvzip"
 
-    def __init__(self, ratio: float | None = None, budget: int | None = None, level: str = "pair",
-                 chunk_size: int = 2000, n_sink: int = 4, plus: bool = False):
-        if level not in ("pair", "layer", "head"):
-            raise ValueError(f"level is 'pair', 'layer' or 'head'; got {level!r}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive; got {chunk_size}")
-        self.budget = Uniform(ratio=0.5 if ratio is None and budget is None else ratio, tokens=budget)
-        self.level, self.chunk_size, self.n_sink, self.plus = level, chunk_size, n_sink, plus
+    level: str = "pair"
+    chunk_size: int = 2000
+    n_sink: int = 4
+    plus: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.level not in ("pair", "layer", "head"):
+            raise ValueError(f"level is 'pair', 'layer' or 'head'; got {self.level!r}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive; got {self.chunk_size}")
 
     def decide(self, model, cache, ids, attention_mask, prompt, layers, seen):
         scores = self.importance(model, cache, ids, attention_mask, prompt)
@@ -211,8 +197,8 @@ class KVzip(ReplayMethod):
 
     def evict(self, cache, scores: list[torch.Tensor], layers: list[int], seen: list[int]) -> None:
         heads = scores[0].shape[1]
-        totals = torch.tensor([self.budget.n_keep(n) * heads * len(layers) for n in seen])
-        for i, keep in zip(layers, select(scores, totals, self.level, self.budget, seen)):
+        totals = torch.tensor([self.allocation.n_keep(n) * heads * len(layers) for n in seen])
+        for i, keep in zip(layers, select(scores, totals, self.level, self.allocation, seen)):
             cache.keep(i, keep)
 
     def importance(self, model, cache, ids, attention_mask=None, prompt=None) -> dict[int, torch.Tensor]:
@@ -245,7 +231,3 @@ class KVzip(ReplayMethod):
         if value_norms:
             seen_by = seen_by * output_norms(ctx, positions[start:end])
         row[:, positions[start:end]] = seen_by.view(1, ctx.n_kv_heads, ctx.group_size, -1).amax(2)[0]
-
-    def describe(self):
-        return self.budget.describe() | {"level": self.level, "chunk_size": self.chunk_size, "n_sink": self.n_sink,
-                                         "plus": self.plus}

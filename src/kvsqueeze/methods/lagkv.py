@@ -1,6 +1,6 @@
 import torch
 
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import ScorerMethod
 
 
@@ -46,11 +46,13 @@ class LagKV(ScorerMethod):
 
     name = "lagkv"
 
-    def __init__(self, ratio=None, budget=None, n_sink: int = 4, lag_size: int = 128):
-        super().__init__(ratio, budget)
-        if n_sink < 0 or lag_size < 1:
-            raise ValueError(f"LagKV needs n_sink >= 0 and lag_size >= 1; got {n_sink}, {lag_size}")
-        self.n_sink, self.lag_size = n_sink, lag_size
+    n_sink: int = 4
+    lag_size: int = 128
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_sink < 0 or self.lag_size < 1:
+            raise ValueError(f"LagKV needs n_sink >= 0 and lag_size >= 1; got {self.n_sink}, {self.lag_size}")
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         keys, values, real = ctx.keys, ctx.values, ctx.real
@@ -61,6 +63,3 @@ class LagKV(ScorerMethod):
             index = real[b, h].nonzero()[:, 0]
             scores[b, h, index] = lag_scores(keys[b, h, index], values[b, h, index], self.n_sink, self.lag_size)
         return scores
-
-    def settings(self):
-        return {"n_sink": self.n_sink, "lag_size": self.lag_size}

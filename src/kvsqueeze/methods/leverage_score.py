@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import ScorerMethod
 
 
@@ -60,16 +60,12 @@ class LeverageScore(ScorerMethod):
     """
 
     name = "leverage_score"
-    needs_whole_context = True
+    declares = frozenset({"whole_context"})
 
-    def __init__(self, ratio=None, budget=None, sketch_dimension: int = 48, seed: int = 0):
-        super().__init__(ratio, budget)
-        self.sketch_dimension, self.seed = sketch_dimension, seed
+    sketch_dimension: int = 48
+    seed: int = 0
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        keys = ctx.pre_rope_keys
+        keys = ctx.rope.keys
         return by_row(ctx, lambda rows, start: z_scores(
             leverage_scores(keys[rows, :, start:], self.sketch_dimension, self.seed)))
-
-    def settings(self):
-        return {"sketch_dimension": self.sketch_dimension, "seed": self.seed}

@@ -9,10 +9,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..budgets import Budget, Uniform, largest_remainder
-from ..cache import layer_types
+from ..cache import compressible_layers, layer_types
+from ..context import LayerContext
 from ..evaluation.needle import needle_sample
-from ..hooks import LayerContext, attention_modules, cache_argument
-from .base import Method, ScorerMethod, ScorerWrapper, as_scorer
+from ..hooks import observing
+from ..models import attention_modules, cache_argument
+from .base import ScorerMethod, ScorerWrapper, as_scorer
 from .expected_attention import ExpectedAttention
 
 KIND = "lukv"
@@ -100,16 +102,13 @@ def budget_curves(gains: list[torch.Tensor], layers: list[int] | None = None,
     return total / len(gains)
 
 
-class _ScoreRecorder(Method):
-    """Compresses nothing: records each compressible layer's protected scores of the prefilled context."""
+class ScoreRecorder:
+    """Observes (see `hooks.observing`): records each compressible layer's protected scores of the prefilled context."""
 
     def __init__(self, scorer: ScorerMethod, window: int):
         self.scorer, self.window, self.scores = scorer, window, {}
 
-    def setup(self, model):
-        self.scorer.setup(model)
-
-    def compress(self, ctx: LayerContext) -> None:
+    def __call__(self, ctx: LayerContext) -> None:
         self.scores[ctx.layer_idx] = protected_scores(self.scorer, ctx, self.window)[0].cpu()
 
 
@@ -171,12 +170,14 @@ def calibrate_lukv(model, tokenizer, path: str | Path | None = None, texts: list
         contexts = [(text, questions) for text in texts]
     if not any(asked for _, asked in contexts):
         raise ValueError("LU-KV calibration needs at least one question")
-    layers = [i for i, kind in enumerate(layer_types(model.config)) if kind == "full_attention"]
+    layers = compressible_layers(model.config)
     gains = []
     bar = tqdm(total=sum(len(asked) for _, asked in contexts), desc="LU-KV profiling", disable=not progress)
     for context, asked in contexts:
-        recorder = _ScoreRecorder(scorer, window)
-        compressed = compress(model, tokenizer, context, recorder)
+        recorder = ScoreRecorder(scorer, window)
+        scorer.setup(model)
+        with observing(model, recorder):
+            compressed = compress(model, tokenizer, context)
         order = {i: recorder.scores[i].argsort(dim=-1, descending=True, stable=True) for i in layers}
         for question in asked:
             question_ids = compressed.prompt.question_ids(question)
@@ -193,7 +194,7 @@ def calibrate_lukv(model, tokenizer, path: str | Path | None = None, texts: list
     if path is not None:
         from ..calibration import save_calibration
 
-        settings = {"scorer": scorer.name, "scorer_settings": scorer.describe(), "window": window,
+        settings = {"scorer": scorer.name, "scorer_settings": scorer.settings(), "window": window,
                     "queries": len(gains), "tokens": tokens if texts is None else None,
                     "max_new_tokens": max_new_tokens}
         save_calibration(path, KIND, curves, model, settings)
@@ -288,31 +289,31 @@ class LUKV(ScorerWrapper):
     name = "lukv"
     calibration = "lukv"
 
-    def __init__(self, ratio=None, budget=None, curves=None, scorer=None, window: int = 1):
-        super().__init__(ratio, budget, default_scorer() if scorer is None else scorer)
-        if window < 0:
-            raise ValueError(f"window must be >= 0; got {window}")
-        self.curves, self.window = curves, window
-        self.uniform = self.budget
+    curves: "str | Path | None" = None
+    scorer: "str | ScorerMethod | None" = None
+    window: int = 1
+
+    def __post_init__(self):
+        if self.scorer is None:
+            self.scorer = default_scorer()
+        super().__post_init__()
+        if self.window < 0:
+            raise ValueError(f"window must be >= 0; got {self.window}")
+        self.uniform = self.allocation
 
     def setup(self, model):
         super().setup(model)
         if self.curves is None:  # as kvpress: uniform budgets, said loudly
             warnings.warn(f"LU-KV without budget curves keeps the same number of tokens in every head; {MAKE_ONE} "
                           "and pass curves=FILE", stacklevel=2)
-            self.budget = self.uniform
+            self.allocation = self.uniform
             return
         prune, ratios, settings = load_curves(self.curves, model)
         if settings.get("scorer", self.scorer.name) != self.scorer.name:
             warnings.warn(f"these LU-KV curves were profiled with the {settings['scorer']} scorer, "
                           f"not {self.scorer.name}", stacklevel=2)
-        compressible = [i for i, kind in enumerate(layer_types(model.config)) if kind == "full_attention"]
-        self.budget = CurveBudget(self.uniform, prune[:, compressible], ratios)
+        compressible = compressible_layers(model.config)
+        self.allocation = CurveBudget(self.uniform, prune[:, compressible], ratios)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return protected_scores(self.scorer, ctx, self.window)
-
-    def describe(self):
-        curves = self.curves if isinstance(self.curves, (str, Path)) else type(self.curves).__name__
-        return self.uniform.describe() | {"curves": str(curves)[:80], "scorer": self.scorer.name,
-                                          "window": self.window}

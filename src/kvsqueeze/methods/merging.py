@@ -1,8 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from ..hooks import LayerContext
-from ..ragged import RaggedLayer
+from ..context import LayerContext
 from .base import ScorerWrapper
 
 
@@ -33,7 +32,23 @@ def merge_evicted(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, 
     return absorb(keys), absorb(values)
 
 
-class Merging(ScorerWrapper):
+class MergesEvicted(ScorerWrapper):
+    """Keeps a scorer's best tokens, the evicted ones merged into the kept ones as `merged` says (Merging, CAM)."""
+
+    def compress(self, ctx: LayerContext) -> None:
+        over = self.rows_over_budget(ctx)
+        if not bool(over.any()):
+            return
+        keep = ctx.in_rows(self.keep_mask(ctx), over)
+        keys, values = self.merged(ctx, keep, ~keep if ctx.real is None else ctx.real & ~keep)
+        ctx.keep(keep, keys=keys, values=values)
+
+    def merged(self, ctx: LayerContext, keep: torch.Tensor, evicted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All stored keys and values, the `keep` ones [batch, kv_heads, stored] having absorbed the `evicted` ones."""
+        raise NotImplementedError
+
+
+class Merging(MergesEvicted):
     """Keeps a scorer's best tokens, each merged with the evicted tokens whose keys are most similar to its own.
 
     Merging instead of dropping, in the two forms KVCache-Factory offers: "pivot" (LOOK-M's averaging,
@@ -45,26 +60,12 @@ class Merging(ScorerWrapper):
 
     name = "merging"
 
-    def __init__(self, ratio=None, budget=None, scorer="snapkv", merge: str = "weighted"):
-        super().__init__(ratio, budget, scorer)
-        if merge not in ("pivot", "weighted"):
-            raise ValueError(f"merge is 'pivot' or 'weighted'; got {merge!r}")
-        self.merge = merge
+    merge: str = "weighted"
 
-    def compress(self, ctx: LayerContext) -> None:
-        over = self.rows_over_budget(ctx)
-        if not bool(over.any()):
-            return
-        keep = ctx.in_rows(self.keep_mask(ctx), over)
-        layer = ctx.layer
-        if isinstance(layer, RaggedLayer):
-            raise NotImplementedError("Merging compresses dense layers (one budget per head), not ragged ones")
-        layer.keys, layer.values = self.merged(ctx, keep, ~keep if ctx.real is None else ctx.real & ~keep)
-        ctx.keep(keep)
+    def __post_init__(self):
+        super().__post_init__()
+        if self.merge not in ("pivot", "weighted"):
+            raise ValueError(f"merge is 'pivot' or 'weighted'; got {self.merge!r}")
 
-    def merged(self, ctx: LayerContext, keep: torch.Tensor, evicted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """All stored keys and values, the `keep` ones [batch, kv_heads, stored] having absorbed the `evicted` ones."""
+    def merged(self, ctx, keep, evicted):
         return merge_evicted(ctx.keys, ctx.values, keep, evicted, self.merge)
-
-    def settings(self):
-        return super().settings() | {"merge": self.merge}

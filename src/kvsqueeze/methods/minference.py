@@ -1,6 +1,6 @@
 import torch
 
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import Method
 
 
@@ -97,15 +97,20 @@ class MInference(Method):
 
     name = "minference"
     phase = "prefill"
-    changes_prefill = True  # its prefill attention is not the model's
+    declares = frozenset({"changes_prefill", "attention"})  # its prefill attention is not the model's
 
-    def __init__(self, vertical_size: int = 1000, slash_size: int = 6096, last_q: int = 64):
-        if vertical_size < 1 or slash_size < 1 or last_q < 1:
-            raise ValueError(f"MInference needs positive sizes; got {vertical_size}, {slash_size}, {last_q}")
-        self.vertical_size, self.slash_size, self.last_q = vertical_size, slash_size, last_q
+    vertical_size: int = 1000
+    slash_size: int = 6096
+    last_q: int = 64
 
-    def attend(self, module, query, key, value, mask, attend, **kwargs):
-        stored, layer = key.shape[-2], key.kvsqueeze_layer
+    def __post_init__(self):
+        if self.vertical_size < 1 or self.slash_size < 1 or self.last_q < 1:
+            raise ValueError(f"MInference needs positive sizes; got {self.vertical_size}, {self.slash_size}, "
+                             f"{self.last_q}")
+
+    def attend(self, layer, call):
+        query, key, value, kwargs = call.query, call.key, call.value, call.kwargs
+        stored = key.shape[-2]
         if query.shape[-2] <= self.last_q or layer.fresh_valid is not None or max(self.slash_size, 50) >= stored:
             return None  # a short forward, padding, or every diagonal read: dense attention is the same
         if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
@@ -119,6 +124,3 @@ class MInference(Method):
 
     def compress(self, ctx: LayerContext) -> None:
         pass  # nothing is evicted
-
-    def describe(self) -> dict:
-        return {"vertical_size": self.vertical_size, "slash_size": self.slash_size, "last_q": self.last_q}

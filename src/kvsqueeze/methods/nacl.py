@@ -1,7 +1,7 @@
 import torch
 
 from ..budgets import top_k_per_head
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import ScorerMethod
 from .snapkv import snapkv_scores
 
@@ -21,13 +21,17 @@ class NACL(ScorerMethod):
     """
 
     name = "nacl"
-    needs_whole_context = True
+    declares = frozenset({"whole_context"})
 
-    def __init__(self, ratio=None, budget=None, proxy_size: int = 32, random_ratio: float = 0.25, seed: int = 0):
-        super().__init__(ratio, budget)
-        if proxy_size < 1 or not 0 <= random_ratio <= 1:
-            raise ValueError(f"NACL needs proxy_size >= 1 and random_ratio in [0, 1]; got {proxy_size}, {random_ratio}")
-        self.proxy_size, self.random_ratio, self.seed = proxy_size, random_ratio, seed
+    proxy_size: int = 32
+    random_ratio: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.proxy_size < 1 or not 0 <= self.random_ratio <= 1:
+            raise ValueError(f"NACL needs proxy_size >= 1 and random_ratio in [0, 1]; got {self.proxy_size}, "
+                             f"{self.random_ratio}")
 
     def draws(self, ctx: LayerContext, shape) -> torch.Tensor:
         """Uniform draws for the real tokens of each row, seeded by the layer: a row of a batch gets what it gets alone."""
@@ -46,7 +50,7 @@ class NACL(ScorerMethod):
 
     def keep_mask(self, ctx: LayerContext) -> torch.Tensor:
         scores = self.scores(ctx)
-        counts = self.budget.head_counts(scores, ctx.seen, *ctx.depth).clamp(max=scores.shape[-1])
+        counts = self.allocation.head_counts(scores, ctx.row_lengths, *ctx.depth).clamp(max=scores.shape[-1])
         n_random = (counts * self.random_ratio).long()
         keep = top_k_per_head(scores, counts - n_random)
         # weighted sampling without replacement (Efraimidis & Spirakis): the largest u ** (1 / w) win
@@ -55,6 +59,3 @@ class NACL(ScorerMethod):
         keys = torch.where(weights > 0, uniform.log() / weights, torch.finfo(torch.float32).min / 2)
         keys = keys.masked_fill(keep | (scores == float("-inf")), float("-inf"))
         return keep | top_k_per_head(keys, n_random)
-
-    def settings(self):
-        return {"proxy_size": self.proxy_size, "random_ratio": self.random_ratio, "seed": self.seed}

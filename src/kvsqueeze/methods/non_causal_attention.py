@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import ScorerMethod
 from .leverage_score import by_row, z_scores
 
@@ -43,15 +43,10 @@ class NonCausalAttention(ScorerMethod):
     """
 
     name = "non_causal_attention"
-    needs_whole_context = True
+    declares = frozenset({"whole_context"})
 
-    def __init__(self, ratio=None, budget=None, chunk_size: int = 256):
-        super().__init__(ratio, budget)
-        self.chunk_size = chunk_size
+    chunk_size: int = 256
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return by_row(ctx, lambda rows, start: z_scores(non_causal_scores(ctx, rows, slice(start, None),
                                                                           self.chunk_size)))
-
-    def settings(self):
-        return {"chunk_size": self.chunk_size}

@@ -1,7 +1,6 @@
 import torch
 
-from ..hooks import LayerContext
-from ..ragged import RaggedLayer
+from ..context import LayerContext
 from .base import ScorerMethod
 
 
@@ -23,8 +22,6 @@ class ObservedAttention(ScorerMethod):
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         weights = ctx.attention_weights
-        if weights is None and isinstance(ctx.layer, RaggedLayer):  # kvsqueeze's ragged attention returns none
-            weights = ctx.last_queries_attention(ctx.n_new)
         if weights is None:
             raise MissingAttentionWeights(
                 "ObservedAttention needs the attention weights, which only eager attention returns: load the "

@@ -1,8 +1,25 @@
-from ..budgets import PerLayer
-from .base import ScorerWrapper
+from ..budgets import Budget, Uniform, check_ratio
+from .base import ScorerMethod, TopScores, as_scorer
 
 
-class PerLayerCompression(ScorerWrapper):
+class PerLayer(Budget):
+    """A ratio per compressible layer, in layer order: layer i removes `ratios[i]` of its tokens."""
+
+    def __init__(self, ratios: list[float]):
+        self.ratios = [check_ratio(r) for r in ratios]
+        if not self.ratios:
+            raise ValueError("give one ratio per compressible layer")
+
+    def n_keep(self, seen, layer_idx=0, n_layers=1):
+        if n_layers != len(self.ratios):
+            raise ValueError(f"{len(self.ratios)} ratios for a model with {n_layers} compressible layers")
+        return Uniform(ratio=self.ratios[layer_idx]).n_keep(seen)
+
+    def describe(self) -> dict:
+        return {"ratios": self.ratios}
+
+
+class PerLayerCompression(TopScores):
     """Keeps a scorer's best tokens with a ratio of its own in every layer (`ratios`, one per compressible layer).
 
     A structural wrapper (kvpress's PerLayerCompressionPress), for schedules found offline or by hand,
@@ -12,6 +29,12 @@ class PerLayerCompression(ScorerWrapper):
 
     name = "per_layer_compression"
 
-    def __init__(self, ratios: list[float], scorer="knorm"):
-        super().__init__(scorer=scorer)
-        self.budget = PerLayer(ratios)
+    ratios: list[float]
+    scorer: "str | ScorerMethod" = "knorm"
+
+    def __post_init__(self):
+        self.allocation = PerLayer(self.ratios)
+        self.scorer = as_scorer(self.scorer)
+
+    def score(self, ctx):
+        return self.scorer.score(ctx)

@@ -1,6 +1,8 @@
+from pathlib import Path
+
 import torch
 
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import ScorerMethod
 
 
@@ -21,12 +23,13 @@ class QFilter(ScorerMethod):
     name = "qfilter"
     calibration = "qfilter"
 
-    def __init__(self, ratio=None, budget=None, filters=None):
-        super().__init__(ratio, budget)
-        if filters is None:
+    filters: "str | Path | torch.Tensor | None" = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.filters is None:
             raise ValueError("QFilter needs Q-Filters computed on your model: filters=FILE from "
                              "`kvsqueeze calibrate qfilter --out FILE` (or calibration.qfilter_filters)")
-        self.filters = filters
         self.loaded: torch.Tensor | None = None
 
     def setup(self, model):
@@ -40,6 +43,3 @@ class QFilter(ScorerMethod):
             raise RuntimeError("QFilter's filters are not loaded: apply it with method.apply(model) or compress()")
         direction = self.loaded[ctx.layer_idx].to(ctx.keys.device)  # [kv_heads, head_dim]
         return torch.einsum("bhnd,hd->bhn", ctx.keys.float(), direction)
-
-    def settings(self):
-        return {"filters": str(self.filters)[:80]}

@@ -3,8 +3,8 @@ from weakref import WeakKeyDictionary
 import torch
 
 from .. import attention
-from ..cache import layer_types
-from ..hooks import LayerContext
+from ..cache import compressible_layers
+from ..context import LayerContext
 from .base import Method
 
 
@@ -41,12 +41,16 @@ class Quest(Method):
 
     name = "quest"
     phase = "decode"
+    declares = frozenset({"attention"})
 
-    def __init__(self, budget: int | float = 1024, page_size: int = 16, dense_layers: int = 2):
-        if budget <= 0 or page_size < 1 or dense_layers < 0:
-            raise ValueError(f"Quest needs budget > 0, page_size >= 1, dense_layers >= 0; got {budget}, {page_size}, "
-                             f"{dense_layers}")
-        self.budget, self.page_size, self.dense_layers = budget, page_size, dense_layers
+    budget: int | float = 1024
+    page_size: int = 16
+    dense_layers: int = 2
+
+    def __post_init__(self):
+        if self.budget <= 0 or self.page_size < 1 or self.dense_layers < 0:
+            raise ValueError(f"Quest needs budget > 0, page_size >= 1, dense_layers >= 0; got {self.budget}, "
+                             f"{self.page_size}, {self.dense_layers}")
         # per cache layer: (min, max) keys of its complete pages [batch, kv_heads, pages, dim]; freed with the layer
         self.metadata: WeakKeyDictionary = WeakKeyDictionary()
         self.selected: dict[int, torch.Tensor] = {}  # per layer, the token positions read at the last step
@@ -57,8 +61,7 @@ class Quest(Method):
         self._read = self._dense_read = 0
 
     def setup(self, model: torch.nn.Module) -> None:
-        kinds = layer_types(model.config)
-        self._last_layer = max(i for i, kind in enumerate(kinds) if kind == "full_attention")
+        self._last_layer = compressible_layers(model.config)[-1]
         self._reset()
 
     def pages_read(self, stored: int) -> int:
@@ -78,8 +81,8 @@ class Quest(Method):
             self.metadata[layer] = (low, high)
         return low, high
 
-    def attend(self, module, query, key, value, mask, attend, **kwargs):
-        layer = key.kvsqueeze_layer
+    def attend(self, layer, call):
+        module, query, key, value = call.module, call.query, call.key, call.value
         stored, dense = key.shape[-2], key.nbytes + value.nbytes
         if query.shape[-2] != 1:
             return None  # prefill and the question: dense
@@ -101,7 +104,7 @@ class Quest(Method):
         self.selected[module.layer_idx] = index
         self._read += (low.nbytes + high.nbytes + index.numel() * (key.shape[-1] * key.element_size()
                                                                     + value.shape[-1] * value.element_size()))
-        return attention.attend_to(attend, module, query, key, value, mask, index, **kwargs)
+        return attention.attend_to(call, index)
 
     def compress(self, ctx: LayerContext) -> None:
         if ctx.layer_idx == self._last_layer:  # the step is over: record what it read and what is held
@@ -125,6 +128,3 @@ class Quest(Method):
         return {"steps": len(self.steps), "bytes_held": last["bytes_held"], "bytes_metadata": last["bytes_metadata"],
                 "bytes_read_per_step": read, "bytes_dense_read_per_step": dense,
                 "read_fraction": read / dense if dense else 1.0}
-
-    def describe(self) -> dict:
-        return {"budget": self.budget, "page_size": self.page_size, "dense_layers": self.dense_layers}

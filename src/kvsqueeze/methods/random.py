@@ -1,6 +1,6 @@
 import torch
 
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import ScorerMethod
 
 
@@ -9,10 +9,11 @@ class Random(ScorerMethod):
 
     name = "random"
 
-    def __init__(self, ratio=None, budget=None, seed: int = 0):
-        super().__init__(ratio, budget)
-        self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     def setup(self, model):
         self.generator.manual_seed(self.seed)
@@ -20,6 +21,3 @@ class Random(ScorerMethod):
     def score(self, ctx: LayerContext) -> torch.Tensor:
         shape = ctx.keys.shape[:-1]
         return torch.rand(shape, generator=self.generator).to(ctx.keys.device)
-
-    def settings(self):
-        return {"seed": self.seed}

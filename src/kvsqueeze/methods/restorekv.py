@@ -10,8 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..hooks import cache_argument
-from ..models import frozen
+from ..models import cache_argument, frozen
 from .kvzip import KVzip, appended, eviction_plan, repeat_inputs, sink_length
 
 COMMAND = "`kvsqueeze calibrate restorekv --out FILE`"
@@ -143,22 +142,21 @@ class RestoreKV(KVzip):
     name = "restorekv"
     calibration = "restorekv"
 
-    def __init__(self, ratio: float | None = None, budget: int | None = None, adapter=None, level: str = "pair",
-                 chunk_size: int = 2000, n_sink: int = 4):
-        if adapter is None:
+    adapter: "str | Path | RestoreAdapter | None" = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.adapter is None:
             raise ValueError(f"RestoreKV needs restore tokens and an adapter trained on your model: adapter=FILE from "
                              f"{COMMAND}")
-        super().__init__(ratio, budget, level, chunk_size, n_sink)
-        self.adapter, self.source = adapter, "<adapter>" if isinstance(adapter, RestoreAdapter) else str(adapter)
 
     def setup(self, model):
-        if not isinstance(self.adapter, RestoreAdapter):
-            self.adapter = RestoreAdapter.load(self.adapter)[0]
-        self.adapter.check(model)
-        self.plus = self.adapter.plus
+        self.trained = self.adapter if isinstance(self.adapter, RestoreAdapter) else RestoreAdapter.load(self.adapter)[0]
+        self.trained.check(model)
+        self.plus = self.trained.plus
 
     def decide(self, model, cache, ids, attention_mask, prompt, layers, seen):
-        n, smallest = self.adapter.n_tokens, min(self.budget.n_keep(s) for s in seen)
+        n, smallest = self.trained.n_tokens, min(self.allocation.n_keep(s) for s in seen)
         if smallest < n:
             raise ValueError(f"RestoreKV's {n} restore tokens take {n} of every head's budget, but the budget keeps "
                              f"{smallest} tokens of this context: use a smaller ratio")
@@ -170,24 +168,21 @@ class RestoreKV(KVzip):
         """Append the restore tokens, then evict by KVzip `scores` ({layer: [batch, kv_heads, stored]}), the restore
         tokens always kept within the budget."""
         self.restore(model, cache, attention_mask)
-        n = self.adapter.n_tokens
+        n = self.trained.n_tokens
         restored = [torch.cat([scores[i], scores[i].new_full((*scores[i].shape[:2], n), float("inf"))], -1)
                     for i in layers]
         self.evict(cache, restored, layers, seen)
 
     def restore(self, model, cache, attention_mask=None) -> None:
         """Append the restore tokens' KV pairs to every layer of `cache`, computed with the adapter on."""
-        batch, n = cache.layers[0].keys.shape[0], self.adapter.n_tokens
-        embeds = self.adapter.embeddings.to(model.device, model.dtype)[None].expand(batch, -1, -1)
+        batch, n = cache.layers[0].keys.shape[0], self.trained.n_tokens
+        embeds = self.trained.embeddings.to(model.device, model.dtype)[None].expand(batch, -1, -1)
         extra = {}
         if attention_mask is not None:
             attention_mask = attention_mask.to(model.device)
             extra = appended(attention_mask, n, attention_mask.sum(-1, keepdim=True))
-        with self.adapter.active(model):
+        with self.trained.active(model):
             model.base_model(inputs_embeds=embeds, **{cache_argument(model): cache}, use_cache=True, **extra)
-
-    def describe(self):
-        return super().describe() | {"adapter": self.source}
 
 
 def train_restore(model, tokenizer, texts: list[str] | None = None, out: str | Path | None = None,

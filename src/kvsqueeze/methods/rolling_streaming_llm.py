@@ -1,8 +1,8 @@
 import torch
 
 from .. import forward
-from ..cache import layer_types
-from ..hooks import LayerContext, rotate_half
+from ..cache import compressible_layers, layer_types
+from ..context import LayerContext, rotate_half
 from .base import Method
 
 
@@ -18,15 +18,19 @@ class RollingStreamingLLM(Method):
 
     name = "rolling_streaming_llm"
     phase = "both"
-    changes_prefill = True  # positions follow the cache, not the text: its prefill is not the plain model's
+    declares = frozenset({"changes_prefill"})  # positions follow the cache, not the text: its prefill is not the plain model's
 
-    def __init__(self, window: int = 1024, n_sink: int = 4, interval: int = 64):
-        if not 0 <= n_sink < window or interval <= 0:
-            raise ValueError(f"need 0 <= n_sink < window and interval > 0; got {n_sink}, {window}, {interval}")
-        self.window, self.n_sink, self.interval = window, n_sink, interval
+    window: int = 1024
+    n_sink: int = 4
+    interval: int = 64
+
+    def __post_init__(self):
+        if not 0 <= self.n_sink < self.window or self.interval <= 0:
+            raise ValueError(f"need 0 <= n_sink < window and interval > 0; got {self.n_sink}, {self.window}, "
+                             f"{self.interval}")
 
     def setup(self, model):
-        if any(kind != "full_attention" for kind in layer_types(model.config)):
+        if len(compressible_layers(model.config)) != len(layer_types(model.config)):
             raise ValueError("RollingStreamingLLM needs a model whose layers are all full attention")
 
     def before_forward(self, kwargs):
@@ -48,14 +52,11 @@ class RollingStreamingLLM(Method):
         keep = torch.zeros(ctx.keys.shape[:-1], dtype=torch.bool, device=ctx.keys.device)
         keep[..., : self.n_sink] = True
         keep[..., held - (self.window - self.n_sink):] = True
-        ctx.keep(keep)
-        cos, sin = (t[0].to(ctx.keys.dtype) for t in ctx.rotary_at(torch.tensor([shift])))
-        keys = ctx.layer.keys
+        cos, sin = (t[0].to(ctx.keys.dtype) for t in ctx.rope.at(torch.tensor([shift])))
+        keys = ctx.keys
         rotary = cos.shape[-1]
-        recent = keys[:, :, self.n_sink:, :rotary]
-        rotated = recent * cos - rotate_half(recent) * sin  # rotate by -shift
+        later = keys[:, :, self.n_sink:, :rotary]
+        rotated = later * cos - rotate_half(later) * sin  # rotate by -shift
         keys = torch.cat([keys[:, :, : self.n_sink], torch.cat([rotated, keys[:, :, self.n_sink:, rotary:]], -1)], 2)
-        ctx.layer.restart_positions(keys)
-
-    def describe(self):
-        return {"window": self.window, "n_sink": self.n_sink, "interval": self.interval}
+        ctx.keep(keep, keys=keys)
+        ctx.layer.restart_positions()

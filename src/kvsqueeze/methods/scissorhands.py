@@ -1,7 +1,7 @@
 import torch
 
 from ..budgets import top_k_per_head
-from ..hooks import LayerContext
+from ..context import LayerContext, last_queries_attention
 from .base import Method
 
 
@@ -13,7 +13,7 @@ def unimportance_counts(ctx: LayerContext, counted: torch.Tensor) -> torch.Tenso
     window = int((counted.long().cumsum(-1) > 0).sum(-1).max())  # from the first counted query to the last
     if window == 0:
         return torch.zeros(ctx.keys.shape[:3], device=ctx.keys.device)
-    attention = ctx.per_kv_head(ctx.last_queries_attention(window))  # [batch, kv_heads, window, stored]
+    attention = ctx.per_kv_head(last_queries_attention(ctx, window))  # [batch, kv_heads, window, stored]
     stored = ctx.n_stored
     position = torch.arange(stored - window, stored, device=attention.device)
     visible = torch.arange(stored, device=attention.device)[None, :] <= position[:, None]  # [window, stored]
@@ -39,42 +39,41 @@ class Scissorhands(Method):
     name = "scissorhands"
     phase = "both"
 
-    def __init__(self, budget: int = 512, history_window: int = 400, recent_window: int = 10,
-                 drop_ratio: float = 0.5):
-        if budget <= 0 or history_window < 1 or not 0 <= recent_window < budget or not 0 < drop_ratio <= 1:
+    budget: int = 512
+    history_window: int = 400
+    recent_window: int = 10
+    drop_ratio: float = 0.5
+
+    def __post_init__(self):
+        if (self.budget <= 0 or self.history_window < 1 or not 0 <= self.recent_window < self.budget
+                or not 0 < self.drop_ratio <= 1):
             raise ValueError("Scissorhands needs budget > 0, history_window >= 1, 0 <= recent_window < budget and "
-                             f"drop_ratio in (0, 1]; got {budget}, {history_window}, {recent_window}, {drop_ratio}")
-        self.target, self.history_window, self.recent_window, self.drop_ratio = (budget, history_window,
-                                                                                 recent_window, drop_ratio)
+                             f"drop_ratio in (0, 1]; got {self.budget}, {self.history_window}, {self.recent_window}, "
+                             f"{self.drop_ratio}")
 
     @property
     def kept_after_drop(self) -> int:
-        return max(self.target - max(1, round(self.drop_ratio * self.target)), self.recent_window, 1)
+        return max(self.budget - max(1, round(self.drop_ratio * self.budget)), self.recent_window, 1)
 
     def compress(self, ctx: LayerContext) -> None:
-        layer = ctx.layer
         n, held = ctx.n_new, ctx.held.amax(-1).cpu()  # [batch]: tokens held after this forward
         # real tokens seen by each new query (padding sits before a row's real tokens)
         seen_by = held[:, None] - n + 1 + torch.arange(n)[None, :]
         # the history: the last `history_window` queries before the budget is exceeded
         counted = (torch.arange(n)[None, :] >= n - self.history_window) & (
-            seen_by > self.target + 1 - self.history_window)
+            seen_by > self.budget + 1 - self.history_window)
         if ctx.new_real is not None:
             counted &= ctx.new_real.cpu()
         counts = unimportance_counts(ctx, counted)
-        previous = layer.state.get("scissorhands")
+        previous = ctx.recall("scissorhands")
         if previous is not None and previous.shape[-1] <= counts.shape[-1]:
             counts[..., : previous.shape[-1]] += previous
-        over = held > self.target  # [batch]: the rows that drop tokens now; the others keep counting
+        over = held > self.budget  # [batch]: the rows that drop tokens now; the others keep counting
         reset = over.to(counts.device)[:, None, None]
-        layer.state = {**layer.state, "scissorhands": counts.masked_fill(reset, 0)}  # counting starts again
+        ctx.remember("scissorhands", counts.masked_fill(reset, 0))  # counting starts again
         if not bool(over.any()):
             return
         scores = (-counts).masked_fill(ctx.rank >= ctx.held[..., None] - self.recent_window, float("inf"))
         if ctx.real is not None:
             scores = scores.masked_fill(~ctx.real, float("-inf"))
         ctx.keep(top_k_per_head(scores, ctx.held.clamp(max=self.kept_after_drop)), rows=over)
-
-    def describe(self):
-        return {"budget": self.target, "history_window": self.history_window, "recent_window": self.recent_window,
-                "drop_ratio": self.drop_ratio}

@@ -1,6 +1,5 @@
-import torch
 
-from ..hooks import LayerContext
+from ..context import LayerContext, last_queries_attention
 from .base import Method
 
 
@@ -16,8 +15,9 @@ class SimLayerKV(Method):
 
     name = "simlayerkv"
 
-    def __init__(self, lazy_threshold: float = 0.9, n_initial: int = 4, n_recent: int = 1024):
-        self.lazy_threshold, self.n_initial, self.n_recent = lazy_threshold, n_initial, n_recent
+    lazy_threshold: float = 0.9
+    n_initial: int = 4
+    n_recent: int = 1024
 
     def compress(self, ctx: LayerContext) -> None:
         long_enough = ctx.held.amin(-1) > self.n_initial + self.n_recent  # [batch]: each row decides alone
@@ -25,11 +25,8 @@ class SimLayerKV(Method):
             return
         rank = ctx.rank
         edges = (rank >= 0) & ((rank < self.n_initial) | (rank >= ctx.held[..., None] - self.n_recent))
-        attention = ctx.last_queries_attention(1)[:, :, 0]  # [batch, heads, n]
+        attention = last_queries_attention(ctx, 1)[:, :, 0]  # [batch, heads, n]
         on_edges = (attention * edges.repeat_interleave(ctx.group_size, dim=1)).sum(-1)
         lazy = long_enough.to(on_edges.device) & (on_edges.mean(-1) > self.lazy_threshold)
         if bool(lazy.any()):
             ctx.keep(edges, rows=lazy)
-
-    def describe(self):
-        return {"lazy_threshold": self.lazy_threshold, "n_initial": self.n_initial, "n_recent": self.n_recent}

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from ..hooks import LayerContext
+from ..context import LayerContext, last_queries_attention
 from .base import ScorerMethod
 
 
@@ -36,7 +36,7 @@ def window_attention(ctx: LayerContext, windows: torch.Tensor, query_weights: to
     each row's window, [batch, stored]. `windows` [batch] holds at least one positive width."""
     widest, windows = int(windows.max()), windows.to(ctx.keys.device)
     observing = torch.arange(widest, device=ctx.keys.device)[None, :] >= widest - windows[:, None]  # [batch, widest]
-    attention = ctx.last_queries_attention(widest) * observing[:, None, :, None]
+    attention = last_queries_attention(ctx, widest) * observing[:, None, :, None]
     if query_weights is not None:
         attention = attention * query_weights[..., None]
     in_window = torch.arange(ctx.n_stored, device=ctx.keys.device)[None, :] >= ctx.n_stored - windows[:, None]
@@ -53,7 +53,7 @@ def snapkv_scores(ctx: LayerContext, window_size: int, kernel_size: int, pooling
         window = min(window_size, ctx.n_new - 1, ctx.n_stored - 1)
         if window < 1:
             return torch.ones(ctx.keys.shape[:-1], device=ctx.keys.device)
-        attention = ctx.last_queries_attention(window)[..., :-window]  # [batch, heads, window, earlier]
+        attention = last_queries_attention(ctx, window)[..., :-window]  # [batch, heads, window, earlier]
         scores = ctx.per_kv_head(pooled(attention.mean(dim=2), kernel_size, pooling))
         return F.pad(scores, (0, window), value=float("inf"))
     windows = row_windows(ctx, window_size)
@@ -77,14 +77,14 @@ class SnapKV(ScorerMethod):
 
     name = "snapkv"
 
-    def __init__(self, ratio=None, budget=None, window_size: int = 32, kernel_size: int = 7, pooling: str = "max"):
-        super().__init__(ratio, budget)
-        if pooling not in ("max", "avg"):
-            raise ValueError(f"pooling must be 'max' or 'avg'; got {pooling!r}")
-        self.window_size, self.kernel_size, self.pooling = window_size, kernel_size, pooling
+    window_size: int = 32
+    kernel_size: int = 7
+    pooling: str = "max"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.pooling not in ("max", "avg"):
+            raise ValueError(f"pooling must be 'max' or 'avg'; got {self.pooling!r}")
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return snapkv_scores(ctx, self.window_size, self.kernel_size, self.pooling)
-
-    def settings(self):
-        return {"window_size": self.window_size, "kernel_size": self.kernel_size, "pooling": self.pooling}

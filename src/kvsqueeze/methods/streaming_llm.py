@@ -1,6 +1,6 @@
 import torch
 
-from ..hooks import LayerContext
+from ..context import LayerContext
 from .base import ScorerMethod
 
 
@@ -13,13 +13,8 @@ class StreamingLLM(ScorerMethod):
 
     name = "streaming_llm"
 
-    def __init__(self, ratio=None, budget=None, n_sink: int = 4):
-        super().__init__(ratio, budget)
-        self.n_sink = n_sink
+    n_sink: int = 4
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         rank = ctx.rank  # position among the real tokens: left padding of a batch does not count
         return rank.float().masked_fill((rank >= 0) & (rank < self.n_sink), float(ctx.n_stored))
-
-    def settings(self):
-        return {"n_sink": self.n_sink}

@@ -1,7 +1,6 @@
-import torch
 
-from ..hooks import LayerContext
-from .base import Method, as_scorer
+from ..context import LayerContext
+from .base import Method, ScorerMethod, as_scorer
 
 
 class ThinK(Method):
@@ -16,17 +15,16 @@ class ThinK(Method):
     """
 
     name = "think"
-    needs_whole_context = True  # the kept channels are chosen once: later chunks could not change them
+    declares = frozenset({"whole_context"})  # the kept channels are chosen once: later chunks could not change them
 
-    def __init__(self, key_channel_ratio: float = 0.4, window_size: int = 32, scorer=None):
-        if not 0 <= key_channel_ratio < 1:
-            raise ValueError(f"key_channel_ratio must be in [0, 1); got {key_channel_ratio}")
-        self.key_channel_ratio, self.window_size = key_channel_ratio, window_size
-        self.scorer = None if scorer is None else as_scorer(scorer)
+    key_channel_ratio: float = 0.4
+    window_size: int = 32
+    scorer: "str | ScorerMethod | None" = None
 
-    def setup(self, model):
-        if self.scorer is not None:
-            self.scorer.setup(model)
+    def __post_init__(self):
+        if not 0 <= self.key_channel_ratio < 1:
+            raise ValueError(f"key_channel_ratio must be in [0, 1); got {self.key_channel_ratio}")
+        self.scorer = None if self.scorer is None else as_scorer(self.scorer)
 
     def compress(self, ctx: LayerContext) -> None:
         if self.scorer is not None:
@@ -43,7 +41,3 @@ class ThinK(Method):
         scores = queries * (keys.sum(2) / count)
         channels = scores.topk(ctx.head_dim - pruned, dim=-1).indices.sort(-1).values
         ctx.prune_key_channels(channels)
-
-    def describe(self):
-        settings = {"key_channel_ratio": self.key_channel_ratio, "window_size": self.window_size}
-        return settings | ({"scorer": repr(self.scorer)} if self.scorer is not None else {})

@@ -1,6 +1,6 @@
 import torch
 
-from ..hooks import LayerContext
+from ..context import LayerContext, last_queries_attention
 from .base import ScorerMethod
 
 
@@ -15,7 +15,7 @@ class TOVA(ScorerMethod):
     name = "tova"
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        attention = ctx.last_queries_attention(1)[:, :, 0]  # [batch, heads, stored]
+        attention = last_queries_attention(ctx, 1)[:, :, 0]  # [batch, heads, stored]
         scores = attention.mean(dim=1, keepdim=True).expand(-1, ctx.n_kv_heads, -1).clone()
         scores[..., -1] = float("inf")
         return scores

@@ -1,6 +1,5 @@
 """KIVI (Liu et al. 2024, arXiv:2402.02750): keys per channel, values per token, in 2 or 4 bits."""
 
-import torch
 
 from .base import Quantizer, dequantize_uniform, pack_bits, quantize_uniform, unpack_bits
 

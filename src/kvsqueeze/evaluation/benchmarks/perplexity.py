@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ... import attention
 from ...cache import SqueezeCache
-from ...hooks import cache_argument
+from ...hooks import attached
+from ...models import cache_argument
 from ...methods import Method
 from ...pipeline import check_fits
 from ..base import Benchmark, Question, Sample
@@ -50,15 +49,14 @@ def token_nlls(model, tokenizer, text: str | torch.Tensor, method: Method | None
     if method is not None:
         if chunk_size == 1 and method.phase == "prefill":
             raise ValueError(f"{type(method).__name__} compresses forwards of several tokens only: use chunk_size >= 2")
-        if chunk_size < ids.shape[1] and method.needs_whole_context:
+        if chunk_size < ids.shape[1] and method.has("whole_context"):
             raise ValueError(f"{type(method).__name__} decides once from the whole context and cannot compress "
                              "chunk by chunk: use a chunk_size of at least the text's length")
     if check_window:
         check_fits(model, ids.shape[1])
-    attention.install(model)
     cache = SqueezeCache(model.config)
     nlls, last_logits = [], None
-    with torch.no_grad(), (method.apply(model) if method is not None else nullcontext()):
+    with torch.no_grad(), (method.apply(model) if method is not None else attached(model)):
         for start in range(0, ids.shape[1], chunk_size):
             chunk = ids[:, start:start + chunk_size].to(model.device)
             logits = model(input_ids=chunk, **{cache_argument(model): cache}, use_cache=True).logits.float()

@@ -1,0 +1,84 @@
+"""A new method is one file: dropped into `kvsqueeze/methods/`, it is registered, importable from `kvsqueeze`, listed
+by `kvsqueeze methods` and in the README's methods table, with no other edit."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kvsqueeze
+
+MY_SCORER = '''
+from .base import ScorerMethod
+
+
+class MyScorer(ScorerMethod):
+    """Keeps the tokens with the largest value norm, per head (a test method)."""
+
+    name = "my_scorer"
+    power: float = 2.0
+
+    def score(self, ctx):
+        return ctx.values.float().norm(dim=-1) ** self.power
+'''
+
+
+
+def test_a_method_dropped_into_a_copy_of_the_package_is_everywhere(tmp_path):
+    package = tmp_path / "kvsqueeze"
+    shutil.copytree(Path(kvsqueeze.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "methods" / "my_scorer.py").write_text(MY_SCORER)
+    script = (
+        "import json, torch, kvsqueeze\n"
+        "from transformers import LlamaConfig, AutoModelForCausalLM\n"
+        "m = kvsqueeze.MyScorer(ratio=0.5, power=1.0)\n"
+        "model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,"
+        " num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128))\n"
+        "ctx = kvsqueeze.compress(model, None, torch.arange(3, 43)[None], kvsqueeze.method('my-scorer', ratio=0.5))\n"
+        "print(json.dumps({'file': kvsqueeze.__file__, 'repr': repr(m), 'registered': 'my_scorer' in kvsqueeze.available(),"
+        " 'in_all': 'MyScorer' in kvsqueeze.methods.__all__, 'kept': ctx.cache.kept_per_head()[0].tolist()}))\n")
+    env = {"PYTHONPATH": str(tmp_path), "PATH": ""}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["file"].startswith(str(tmp_path))  # the copy, not the installed package
+    assert found == found | {"repr": "MyScorer(ratio=0.5, power=1.0)", "registered": True, "in_all": True,
+                             "kept": [[20]]}
+    listing = subprocess.run([sys.executable, "-m", "kvsqueeze.cli", "methods"], capture_output=True, text=True,
+                             env=env, cwd=tmp_path)
+    assert "my_scorer" in listing.stdout and "power=2.0" in listing.stdout
+    table = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "methods_table.py")],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert "`my_scorer`" in table.stdout and "largest value norm" in table.stdout
+
+
+def test_settings_are_declared_once():
+    method = kvsqueeze.SnapKV(ratio=0.3, window_size=16)
+    assert repr(method) == "SnapKV(ratio=0.3, window_size=16, kernel_size=7, pooling='max')"
+    assert method.settings() == {"ratio": 0.3, "window_size": 16, "kernel_size": 7, "pooling": "max"}
+    json.dumps(kvsqueeze.AdaKV(ratio=0.5).settings())  # nested methods as text: fit for result files
+    with pytest.raises(TypeError):
+        kvsqueeze.SnapKV(window=16)  # not a setting
+
+
+def test_wrappers_pass_everything_on_through_one_mechanism():
+    class Seen(kvsqueeze.KNorm):
+        name = ""
+
+        def before_forward(self, kwargs):
+            kwargs.setdefault("seen_by", []).append(self)
+
+    inner = Seen(ratio=0.5)
+    for wrapper in (kvsqueeze.AdaKV(scorer=inner), kvsqueeze.Composed([inner]), kvsqueeze.KeyRerotation(method=inner),
+                    kvsqueeze.DecodingBudget(scorer=inner), kvsqueeze.Chunk(scorer=inner)):
+        kwargs = {}
+        wrapper.before_forward(kwargs)
+        assert kwargs["seen_by"] == [inner], type(wrapper).__name__
+        assert wrapper.parts() == [inner]
+    assert kvsqueeze.Composed(["knorm", "kvzip"]).has("after_prefill")
+    assert kvsqueeze.KeyRerotation(method=kvsqueeze.MInference()).has("attention")
+    assert not kvsqueeze.AdaKV().has("whole_context") and kvsqueeze.Chunk().has("whole_context")
