@@ -50,5 +50,6 @@ def main():
 
 
 if __name__ == "__main__":
+    kvsqueeze.release_freed_memory()  # freed cache memory goes back to the OS
     with torch.no_grad():
         main()

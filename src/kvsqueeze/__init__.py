@@ -10,6 +10,7 @@ from .ragged import RaggedLayer
 from .quantizers import GEAR, KIVI, KVQuant, Quantizer, quantizer
 from .methods import *  # noqa: F401,F403  every method class, by name
 from .methods import Method, MissingAttentionWeights, ScorerMethod, UnknownMethodError, available, l2_compress, method
+from .memory import release_freed_memory
 from .models import load
 from .pipeline import CompressedContext, CompressionStats, ContextTooLongError, compress
 from .saved import CorruptContextError, ModelMismatchError

@@ -428,5 +428,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `kvsqueeze` command: freed cache memory goes back to the operating system (see `release_freed_memory`)."""
+    from .memory import release_freed_memory
+
+    release_freed_memory()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -100,27 +100,53 @@ def prefill(model, ids: torch.Tensor, cache: SqueezeCache, method, spans: list[s
 
 def context_rows(model, tokenizer, context, chat_template: bool = True, check_window: bool = True
                  ) -> tuple[Prompt | None, list[torch.Tensor]]:
-    """(the prompt layout, one row of token ids per context) for what `compress` is given; checks model and window."""
+    """(the prompt layout, one row of token ids per context) for what `compress` is given: a text, token ids
+    ([n], or [batch, n]: one row per context) or a list of them. Checks the model, the ids and the window."""
     if not isinstance(model, PreTrainedModel):
         raise UnsupportedModelError(f"kvsqueeze compresses transformers models; got {type(model).__name__}")
     attention_modules(model)  # raises if nothing can be hooked
     prompt = Prompt.for_tokenizer(tokenizer, chat_template) if tokenizer is not None else None
-    contexts = list(context) if isinstance(context, (list, tuple)) else [context]
+    if isinstance(context, (list, tuple)) and context and all(isinstance(i, int) for i in context):
+        contexts = [context]  # one context's token ids
+    elif isinstance(context, (list, tuple)):
+        contexts = list(context)
+    elif isinstance(context, torch.Tensor) and context.dim() == 2:
+        contexts = list(context)  # [batch, n]: one context per row
+    else:
+        contexts = [context]
     if not contexts:
         raise ValueError("no context to compress: the list is empty")
-    rows = []
-    for text in contexts:
-        if isinstance(text, str):
-            if prompt is None:
-                raise ValueError("a text context needs a tokenizer")
-            rows.append(prompt.context_ids(text).reshape(-1))
-        else:
-            rows.append(torch.as_tensor(text).reshape(-1))
-        if len(rows[-1]) == 0:
-            raise ValueError("the context is empty")
+    rows = [context_ids(prompt, text) for text in contexts]
+    vocabulary = model.get_input_embeddings().num_embeddings
+    for row in rows:
+        if len(row) and (int(row.min()) < 0 or int(row.max()) >= vocabulary):
+            raise ValueError(f"token ids must be in [0, {vocabulary}) for this model; got ids from {int(row.min())} "
+                             f"to {int(row.max())}")
     if check_window:
         check_fits(model, max(len(row) for row in rows))
     return prompt, rows
+
+
+def context_ids(prompt: Prompt | None, context) -> torch.Tensor:
+    """One context's token ids, 1-D: a text through the prompt layout, or ids ([n] or [1, n]) as they are."""
+    if isinstance(context, str):
+        if prompt is None:
+            raise ValueError("a text context needs a tokenizer")
+        if not context.strip():
+            raise ValueError("the context is empty (only whitespace)")
+        return prompt.context_ids(context).reshape(-1)
+    if not isinstance(context, (torch.Tensor, list, tuple)):
+        raise TypeError(f"a context is a text, token ids (a tensor or a list of ints) or a list of them; got "
+                        f"{type(context).__name__}")
+    ids = torch.as_tensor(context)
+    if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
+        raise ValueError(f"one context's token ids are [n] or [1, n]; got shape {list(ids.shape)}")
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise TypeError(f"token ids are integers; got {ids.dtype}")
+    ids = ids.reshape(-1).long()
+    if len(ids) == 0:
+        raise ValueError("the context is empty")
+    return ids
 
 
 def measure(cache: SqueezeCache, rows: list[torch.Tensor], seconds: float, quantizer: Quantizer | None
@@ -146,20 +172,38 @@ def cover_appended(cache: SqueezeCache, ids: torch.Tensor, mask: torch.Tensor | 
     return ids, None if mask is None else torch.cat([mask, mask.new_ones(mask.shape[0], extra)], 1)
 
 
+def as_method(method):
+    """A method given as an instance, a registry name or a class (built with its defaults); None stays None."""
+    from .methods import Method, method as by_name  # the methods import the pipeline for their calibration
+
+    if method is None or isinstance(method, Method):
+        return method
+    if isinstance(method, str):
+        return by_name(method)
+    if isinstance(method, type) and issubclass(method, Method):
+        return method()
+    raise TypeError(f"a method is a kvsqueeze Method, a registry name (see kvsqueeze.available()) or a Method class; "
+                    f"got {type(method).__name__}")
+
+
 def compress(model, tokenizer, context: str | torch.Tensor | list, method = None, *,
              chunk_size: int | None = None, quantizer: str | Quantizer | None = None, chat_template: bool = True,
              check_window: bool = True, progress: bool = False) -> "CompressedContext":
     """Prefill `context` and compress its cache with `method` (None keeps everything).
 
     `context` is text (placed in the user turn of the chat template, when the tokenizer has one) or
-    token ids [1, n] used as they are; a list of them is a batch, compressed at once (left-padded: each
-    row gets what compressing it alone gives). `chunk_size` prefills in chunks, compressing after each
+    token ids ([n] or [1, n]) used as they are; a list of them, or ids [batch, n], is a batch, compressed at
+    once (left-padded: each row gets what compressing it alone gives). `method` is a Method, a registry name
+    ("snapkv") or a method class (built with its defaults). `chunk_size` prefills in chunks, compressing after each
     (peak memory bounded by the budget plus one chunk). `check_window=False` allows contexts longer than
     the model's window (for memory measurements: the model was not trained on such positions).
     `quantizer` ("kivi-2", "kvquant-4", "gear-4" or a Quantizer) stores what is kept quantized; it composes
     with any method, and later tokens (question, answer) are quantized too, past its full-precision window.
     """
     quantizer = as_quantizer(quantizer)
+    method = as_method(method)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 2):
+        raise ValueError(f"chunk_size is a number of tokens, at least 2; got {chunk_size!r}")
     prompt, rows = context_rows(model, tokenizer, context, chat_template, check_window)
     cache = SqueezeCache(model.config, quantizer=quantizer)
     # sliding windows count positions, padding included: no padding may sit in the middle of them
@@ -275,10 +319,11 @@ class CompressedContext:
         """
         if self.prompt is None:
             raise ValueError("this context has no tokenizer: use generate() with token ids")
-        if isinstance(question, str):
-            ids = self.prompt.question_ids(question, answer_prefix)
-        else:
-            ids = [self.prompt.question_ids(q, answer_prefix) for q in question]
+        questions = [question] if isinstance(question, str) else list(question)
+        if not questions or not all(isinstance(q, str) and q.strip() for q in questions):
+            raise ValueError(f"a question is a non-empty text (or a list of them); got {question!r}")
+        ids = [self.prompt.question_ids(q, answer_prefix) for q in questions]
+        ids = ids[0] if isinstance(question, str) else ids
         new = self.generate(ids, decode_method, **generate_kwargs)
         answers = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
         return answers if len(answers) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1 else answers[0]

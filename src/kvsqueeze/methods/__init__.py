@@ -1,5 +1,6 @@
 """Every compression method, one file each, registered by name."""
 
+import difflib
 import importlib
 import inspect
 import json
@@ -24,12 +25,23 @@ class UnknownMethodError(KeyError):
         return self.args[0]
 
 
+def registry_name(name: str) -> str:
+    """The registry name `name` spells, whatever its case and separators ("SnapKV", "snap-kv", "streaming-llm");
+    raises UnknownMethodError with the closest names when none."""
+    if not isinstance(name, str):
+        raise TypeError(f"a method name is a string; got {type(name).__name__}")
+    squeezed = {key.replace("_", ""): key for key in REGISTRY}
+    key = squeezed.get(name.lower().replace("-", "").replace("_", "").replace(" ", ""))
+    if key is None:
+        close = difflib.get_close_matches(name.lower().replace("-", "_"), list(REGISTRY), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        raise UnknownMethodError(f"unknown method {name!r}; {hint}available: {', '.join(sorted(REGISTRY))}")
+    return key
+
+
 def method(name: str, **kwargs) -> Method:
     """Build a method from its registry name, e.g. `method("snapkv", ratio=0.5)`."""
-    key = name.lower().replace("-", "_")
-    if key not in REGISTRY:
-        raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[key](**kwargs)
+    return REGISTRY[registry_name(name)](**kwargs)
 
 
 def parse_params(params: list[str] | None) -> dict:
@@ -51,9 +63,7 @@ def build(spec: str, ratio: float | None = None, budget: int | None = None, para
     "think:key_channel_ratio=0.5,window_size=32"; `ratio` / `budget` go to methods that take them."""
     name, _, inline = spec.partition(":")
     registry = available()
-    key = name.lower().replace("-", "_")
-    if key not in registry:
-        raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(registry)}")
+    key = registry_name(name)
     accepted = inspect.signature(registry[key]).parameters
     kwargs = parse_params([p for p in inline.split(",") if p]) | parse_params(params)
     if budget is not None:

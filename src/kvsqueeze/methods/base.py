@@ -54,7 +54,19 @@ class Method:
             REGISTRY[cls.name] = cls
 
     def __post_init__(self) -> None:
-        """Check the settings (and derive what the method computes from them)."""
+        """Check the settings (and derive what the method computes from them); subclasses call it first. Here: a
+        setting whose default is a number, a flag or a text must be one (None where the default is None)."""
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), f.default
+            if value is None or default is dataclasses.MISSING or default is None:
+                continue
+            expected = (bool,) if isinstance(default, bool) else (int, float) if isinstance(default, (int, float)) \
+                else (str,) if isinstance(default, str) else None
+            wrong = expected is not None and (not isinstance(value, expected) or (
+                isinstance(value, bool) and bool not in expected))
+            if wrong and not (isinstance(default, str) and isinstance(value, Method)):
+                kind = "flag" if bool in expected else "number" if int in expected else "text"
+                raise TypeError(f"{type(self).__name__}'s {f.name} is a {kind} (default {default!r}); got {value!r}")
 
     @classmethod
     def summary(cls) -> str:

@@ -20,6 +20,7 @@ class Composed(Method):
     methods: list
 
     def __post_init__(self):
+        super().__post_init__()
         from . import build
 
         self.methods = [build(m) if isinstance(m, str) else m for m in self.methods]

@@ -21,6 +21,7 @@ class DecodingBudget(Method):
     interval: int = 16
 
     def __post_init__(self):
+        super().__post_init__()
         if self.budget <= 0 or self.interval <= 0:
             raise ValueError(f"budget and interval must be positive; got {self.budget}, {self.interval}")
         self.scorer = as_scorer(self.scorer)

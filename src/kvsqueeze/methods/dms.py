@@ -23,6 +23,7 @@ class DMS(Method):
     decoding: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         self.threshold = float(self.threshold)
         self.scorer = as_scorer(self.scorer)
         self.phase = "both" if self.decoding else "prefill"

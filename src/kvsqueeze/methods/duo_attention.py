@@ -28,6 +28,7 @@ class DuoAttention(Method):
     recent_size: int = 256
 
     def __post_init__(self):
+        super().__post_init__()
         if self.head_patterns is None:
             raise ValueError("DuoAttention needs head patterns: head_patterns=FILE from "
                              "`kvsqueeze calibrate duo_attention --out FILE` (or the authors' .tsv)")

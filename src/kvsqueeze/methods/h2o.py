@@ -47,6 +47,7 @@ class H2O(Method):
     recent_ratio: float = 0.5
 
     def __post_init__(self):
+        super().__post_init__()
         if self.budget <= 0 or not 0 <= self.recent_ratio <= 1:
             raise ValueError(f"H2O needs budget > 0 and recent_ratio in [0, 1]; got {self.budget}, {self.recent_ratio}")
 

@@ -74,6 +74,7 @@ class KeyRerotation(Method):
     method: "str | Method" = "snapkv"
 
     def __post_init__(self):
+        super().__post_init__()
         if isinstance(self.method, str):
             from . import build
 

@@ -104,6 +104,7 @@ class MInference(Method):
     last_q: int = 64
 
     def __post_init__(self):
+        super().__post_init__()
         if self.vertical_size < 1 or self.slash_size < 1 or self.last_q < 1:
             raise ValueError(f"MInference needs positive sizes; got {self.vertical_size}, {self.slash_size}, "
                              f"{self.last_q}")

@@ -26,6 +26,7 @@ class MiniCache(Method):
     retention: float = 0.05
 
     def __post_init__(self):
+        super().__post_init__()
         if not all(0 <= value <= 1 for value in (self.start, self.interpolation, self.retention)):
             raise ValueError(f"MiniCache needs start, interpolation and retention in [0, 1]; got {self.start}, "
                              f"{self.interpolation}, {self.retention}")

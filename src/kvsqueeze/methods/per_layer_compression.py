@@ -33,6 +33,7 @@ class PerLayerCompression(TopScores):
     scorer: "str | ScorerMethod" = "knorm"
 
     def __post_init__(self):
+        super().__post_init__()
         self.allocation = PerLayer(self.ratios)
         self.scorer = as_scorer(self.scorer)
 

@@ -48,6 +48,7 @@ class Quest(Method):
     dense_layers: int = 2
 
     def __post_init__(self):
+        super().__post_init__()
         if self.budget <= 0 or self.page_size < 1 or self.dense_layers < 0:
             raise ValueError(f"Quest needs budget > 0, page_size >= 1, dense_layers >= 0; got {self.budget}, "
                              f"{self.page_size}, {self.dense_layers}")

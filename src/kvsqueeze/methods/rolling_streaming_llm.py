@@ -25,6 +25,7 @@ class RollingStreamingLLM(Method):
     interval: int = 64
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 <= self.n_sink < self.window or self.interval <= 0:
             raise ValueError(f"need 0 <= n_sink < window and interval > 0; got {self.n_sink}, {self.window}, "
                              f"{self.interval}")

@@ -45,6 +45,7 @@ class Scissorhands(Method):
     drop_ratio: float = 0.5
 
     def __post_init__(self):
+        super().__post_init__()
         if (self.budget <= 0 or self.history_window < 1 or not 0 <= self.recent_window < self.budget
                 or not 0 < self.drop_ratio <= 1):
             raise ValueError("Scissorhands needs budget > 0, history_window >= 1, 0 <= recent_window < budget and "

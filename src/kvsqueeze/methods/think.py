@@ -22,6 +22,7 @@ class ThinK(Method):
     scorer: "str | ScorerMethod | None" = None
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 <= self.key_channel_ratio < 1:
             raise ValueError(f"key_channel_ratio must be in [0, 1); got {self.key_channel_ratio}")
         self.scorer = None if self.scorer is None else as_scorer(self.scorer)
