@@ -6,6 +6,7 @@
     kvsqueeze eval -b B ...   score methods on a benchmark (resumable sweep, JSON lines, table, plots)
     kvsqueeze report FILES    merge result files into one table and plots
     kvsqueeze bench           memory and speed against context length, with plots
+    kvsqueeze serve           compressed contexts behind an OpenAI-compatible HTTP API (kvsqueeze serve --help)
 """
 
 from __future__ import annotations
@@ -361,6 +362,10 @@ def parser() -> argparse.ArgumentParser:
                                    "cache bytes against context length, with plots (kvsqueeze bench --help)")
     benching.set_defaults(handler=None)
 
+    serving = commands.add_parser("serve", add_help=False, help="compressed contexts behind an OpenAI-compatible "
+                                  "HTTP API (kvsqueeze serve --help)")
+    serving.set_defaults(handler=None)
+
     reporting = commands.add_parser("report", help="merge result files (shards) into one table and plots",
                                     description="Read eval result files, merge them (each row once), print the "
                                                 "table and write the plots.")
@@ -380,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import bench
 
         return bench.main(argv[1:])
+    if argv[:1] == ["serve"]:  # its own parser too
+        from .serve.cli import main as serve
+
+        return serve(argv[1:])
     args = parser().parse_args(argv)
     handler = getattr(args, "handler", demo_command)
     try:
