@@ -302,19 +302,20 @@ def test_every_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(model, tmp_
 
 def test_the_bundled_model_end_to_end(bundled, tmp_path):
     """The real model on the bundled document through the openai client: the fact is found, streamed or not, and
-    the answers equal CompressedContext.ask on the same compressed context."""
+    the answers equal CompressedContext.ask on the stored context."""
     model, tok = bundled
     question = "How many bay leaves does the lighthouse keeper's secret fish stew recipe use?"
     with Server(model, tmp_path, tokenizer_=tok, model_name="smollm2") as server, server.http() as http:
         context = create(http, text=DOCUMENT)  # the server's default: streaming_llm at 0.5
         assert context["method"] == "streaming_llm" and context["tokens"] > 3000
+        assert context["bytes_held"] <= 0.55 * context["bytes_full"]
         client = server.openai()
         answer = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": question}],
-                                                max_tokens=24, extra_body={"context_id": context["id"]})
+                                                max_tokens=20, extra_body={"context_id": context["id"]})
         chunks = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": question}],
-                                                max_tokens=24, extra_body={"context_id": context["id"]}, stream=True)
+                                                max_tokens=20, extra_body={"context_id": context["id"]}, stream=True)
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    expected = kvsqueeze.compress(model, tok, DOCUMENT, kvsqueeze.StreamingLLM(ratio=0.5)).ask(question,
-                                                                                           max_new_tokens=24)
+        stored = kvsqueeze.CompressedContext.load(tmp_path / "contexts" / f"{context['id']}.safetensors", model, tok)
+    expected = stored.ask(question, max_new_tokens=20)
     assert answer.choices[0].message.content == text == expected
     assert "seven" in expected.lower() or "7" in expected

@@ -17,7 +17,7 @@ from .service import Service, Settings
 __all__ = ["Service", "Settings", "create_app"]
 
 
-def create_app(service: Service):
+def create_app(service: Service, close_service: bool = False):
     from .app import create_app as create
 
-    return create(service)
+    return create(service, close_service)

@@ -10,6 +10,7 @@ import json
 import logging
 import secrets
 import time
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -106,9 +107,19 @@ def validation_message(error: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {first.get('msg')}" if param else str(first.get("msg"))), param
 
 
-def create_app(service: Service) -> FastAPI:
+def create_app(service: Service, close_service: bool = False) -> FastAPI:
+    """The app; `close_service`: the service is closed when the app shuts down (the command's server owns it)."""
+
+    @asynccontextmanager
+    async def lifespan(app):
+        try:
+            yield
+        finally:
+            if close_service:
+                await run_in_threadpool(service.close)
+
     app = FastAPI(title="kvsqueeze", summary="Compressed context cache behind an OpenAI-compatible API",
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.service = service
     app.add_middleware(Guard, service=service)
 

@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = models.load(args.model, attn_implementation=args.attn)
     service = Service(model, tokenizer, settings)
     log.info("serving %s on http://%s:%d, contexts in %s", args.model, args.host, args.port, settings.store)
-    try:
-        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level.lower())
-    finally:
-        service.close()
+    # uvicorn ends the process with the signal that stopped it, after the app's shutdown has closed the service
+    uvicorn.run(create_app(service, close_service=True), host=args.host, port=args.port,
+                log_level=args.log_level.lower())
     return 0
