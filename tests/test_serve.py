@@ -253,6 +253,7 @@ def test_every_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(model, tmp_
             ("POST", "/v1/contexts", {"text": "x", "method": "no_such_method"}, 400, "method"),
             ("POST", "/v1/contexts", {"text": "x", "method": "snapkv", "ratio": 1.0}, 400, "ratio"),
             ("POST", "/v1/contexts", {"text": "x", "method": "snapkv", "ratio": -0.1}, 400, "ratio"),
+            ("POST", "/v1/contexts", {"text": "x", "method": "think", "ratio": 0.5}, 400, "ratio"),  # takes none
             ("POST", "/v1/contexts", {"text": "x", "quantizer": "kivi-x"}, 400, "quantizer"),
             ("POST", "/v1/contexts", {"text": "x", "chunk_size": 1}, 400, "chunk_size"),
             ("POST", "/v1/contexts", {"text": "x", "ttl_seconds": 0}, 400, "ttl_seconds"),

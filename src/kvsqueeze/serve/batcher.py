@@ -103,6 +103,18 @@ class Generation:
         return self._cancelled.is_set()
 
 
+def tell(generation: Generation, event) -> bool:
+    """Hand an event to a request. One that cannot take it (its server loop is gone) is cancelled, without
+    disturbing the others; returns False then."""
+    try:
+        generation.listener(event)
+        return True
+    except Exception:  # noqa: BLE001
+        log.exception("a request could not be told of its answer; it is dropped")
+        generation.cancel()
+        return False
+
+
 class Row:
     """One request's row of a batched generate: its tokens, its text so far, when it stops."""
 
@@ -150,6 +162,11 @@ class Rows(StoppingCriteria):
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
+    @staticmethod
+    def tell(row: Row, event) -> None:
+        if not tell(row.generation, event):
+            row.done = True
+
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         for row, token in zip(self.rows, input_ids[:, -1].tolist()):
             if not row.done:
@@ -170,7 +187,7 @@ class Rows(StoppingCriteria):
         elif len(row.tokens) >= row.max_tokens:
             self.finish(row, "length")
         elif len(text) > len(row.sent) and text.startswith(row.sent):
-            row.generation.listener(Delta(text[len(row.sent):]))
+            self.tell(row, Delta(text[len(row.sent):]))
             row.sent = text
 
     def finish(self, row: Row, reason: str) -> None:
@@ -180,11 +197,11 @@ class Rows(StoppingCriteria):
         text, stopped = row.text(self.decode, final=True)
         if text.startswith(row.sent):
             if len(text) > len(row.sent):
-                row.generation.listener(Delta(text[len(row.sent):]))
+                self.tell(row, Delta(text[len(row.sent):]))
         else:  # a tokenizer whose decoding of a prefix is not a prefix of the whole: the stream told a bit less
             log.warning("streamed text %r is not a prefix of the answer %r", row.sent, text)
-        row.generation.listener(Finished(text, "stop" if stopped else reason, row.prompt_tokens, row.cached_tokens,
-                                         len(row.tokens)))
+        self.tell(row, Finished(text, "stop" if stopped else reason, row.prompt_tokens, row.cached_tokens,
+                                len(row.tokens)))
 
     def close(self, error: Exception | None = None) -> None:
         """After generate: rows it stopped (its own length limit) finish; on an error every unfinished row fails."""
@@ -194,7 +211,7 @@ class Rows(StoppingCriteria):
                     self.finish(row, "length")
                 else:
                     row.done = True
-                    row.generation.listener(Failed(error))
+                    self.tell(row, Failed(error))
 
 
 @dataclass(eq=False)
@@ -276,7 +293,7 @@ class Batcher:
             if isinstance(item, _Call):
                 item.future.cancel()
             elif isinstance(item, Generation):
-                item.listener(Failed(ServerError("the server is shutting down", status=503)))
+                tell(item, Failed(ServerError("the server is shutting down", status=503)))
 
     def _gather(self, first: Generation) -> list[Generation]:
         key = self._key(first)
@@ -311,7 +328,7 @@ class Batcher:
             try:
                 rows.append(self._prepare(generation))
             except Exception as error:  # noqa: BLE001  this request fails, the others go on
-                generation.listener(Failed(error))
+                tell(generation, Failed(error))
         if not rows:
             return
         if rows[0].context is None:
@@ -356,7 +373,7 @@ class Batcher:
     def _generate(self, context: CompressedContext | None, rows: list[Row]) -> None:
         tracker = Rows(rows, self.tokenizer, self.eos)
         for row in rows:
-            row.generation.listener(Started(row.prompt_tokens, row.cached_tokens))
+            tracker.tell(row, Started(row.prompt_tokens, row.cached_tokens))
         sampling = rows[0].generation.sampling
         kwargs = sampling.generate_kwargs() | {"max_new_tokens": max(row.max_tokens for row in rows),
                                                "stopping_criteria": StoppingCriteriaList([tracker])}

@@ -100,11 +100,7 @@ class Service:
         self._room(owner)
         method_name = request.method or self.settings.method or "none"
         method_name = method_name.lower().replace("-", "_")
-        ratio = None
-        method = None
-        if method_name != "none":
-            ratio = self.settings.ratio if request.ratio is None else request.ratio
-            method = self._method(method_name, ratio)
+        method, ratio = (None, None) if method_name == "none" else self._method(method_name, request.ratio)
         spec = request.quantizer if request.quantizer is not None else self.settings.quantizer
         spec = None if spec in (None, "", "none") else spec
         try:
@@ -220,16 +216,21 @@ class Service:
 
     # -- the rest -------------------------------------------------------------------------------------------
 
-    def _method(self, name: str, ratio: float):
+    def _method(self, name: str, ratio: float | None):
+        """(the method, its ratio): at `ratio`, or at the server's ratio, or, for a method that takes none and was
+        given none, with its own settings."""
         try:
-            return kvsqueeze.method(name, ratio=ratio)
+            try:
+                return kvsqueeze.method(name, ratio=self.settings.ratio if ratio is None else ratio), \
+                    self.settings.ratio if ratio is None else ratio
+            except TypeError:
+                if ratio is not None:
+                    raise BadRequest(f"method {name!r} takes no ratio", param="ratio") from None
+                return kvsqueeze.method(name), None
         except kvsqueeze.UnknownMethodError as error:
             raise BadRequest(str(error), param="method", code="unknown_method") from None
-        except TypeError:
-            raise BadRequest(f"method {name!r} takes no ratio; it cannot be served with one", param="method",
-                             code="unsupported_method") from None
-        except ValueError as error:
-            raise BadRequest(f"method {name!r}: {error}", param="ratio") from None
+        except (TypeError, ValueError) as error:
+            raise BadRequest(f"method {name!r}: {error}", param="method") from None
 
     def _room(self, owner: str) -> None:
         try:
