@@ -133,6 +133,8 @@ def main() -> int:
     parser.add_argument("--min-requests", type=int, default=8, help="at least this many per level")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--soak", type=int, default=500, help="requests sent at the highest level while RSS is read")
+    parser.add_argument("--soak-max-tokens", type=int, default=8, help="answer length during the soak (shorter: "
+                        "the soak is about memory)")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--method", default="streaming_llm")
     parser.add_argument("--ratio", type=float, default=0.5)
@@ -177,13 +179,13 @@ def main() -> int:
                 memory = [("before", rss(process.pid))]
                 step = 50
                 for start in range(0, args.soak, step):
-                    run_level(url, model, contexts, levels[-1], step, args.max_tokens, offset=start)
+                    run_level(url, model, contexts, levels[-1], step, args.soak_max_tokens, offset=start)
                     done[0] = start + step
                     memory.append((done[0], rss(process.pid)))
                     print(f"after {done[0]} requests: RSS {memory[-1][1] / 2**20:.0f} MiB", flush=True)
                 stop.set()
                 after = [m for n, m in memory[1:]]
-                figures["soak"] = {"requests": args.soak, "clients": levels[-1],
+                figures["soak"] = {"requests": args.soak, "clients": levels[-1], "max_tokens": args.soak_max_tokens,
                                    "rss_mib": {str(n): round(m / 2**20, 1) for n, m in memory},
                                    "growth_from_100_to_end_mib": round((after[-1] - after[1]) / 2**20, 1)
                                    if len(after) > 1 else None,
