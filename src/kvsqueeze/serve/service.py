@@ -23,7 +23,7 @@ from .batcher import Batcher, Generation, Sampling
 from .errors import BadRequest, Gone, NotFound
 from .metrics import Metrics
 from .schemas import ChatRequest, ContextRequest
-from .store import ContextUnreadable, LimitError, Record, Store, valid_id
+from .store import ContextUnreadable, LimitError, Record, Store
 
 log = logging.getLogger("kvsqueeze.serve")
 
