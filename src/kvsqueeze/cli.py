@@ -8,6 +8,7 @@
     kvsqueeze bench           memory and speed against context length, with plots
     kvsqueeze lm-eval ARGS    lm-evaluation-harness's command line, with the "kvsqueeze" model registered
     kvsqueeze ui              a page that shows what a method kept, and the answers full vs compressed
+    kvsqueeze serve           compressed contexts behind an OpenAI-compatible HTTP API (kvsqueeze serve --help)
 """
 
 from __future__ import annotations
@@ -381,6 +382,9 @@ def parser() -> argparse.ArgumentParser:
                                   "\"kvsqueeze\" model registered (kvsqueeze lm-eval run --model kvsqueeze "
                                   "--model_args method=snapkv,ratio=0.5 --tasks ...; needs kvsqueeze[lm-eval])")
     lm_eval.set_defaults(handler=None)
+    serving = commands.add_parser("serve", add_help=False, help="compressed contexts behind an OpenAI-compatible "
+                                  "HTTP API (kvsqueeze serve --help)")
+    serving.set_defaults(handler=None)
 
     reporting = commands.add_parser("report", help="merge result files (shards) into one table and plots",
                                     description="Read eval result files, merge them (each row once), print the "
@@ -419,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         return command_line(argv[1:])
+    if argv[:1] == ["serve"]:  # its own parser too
+        from .serve.cli import main as serve
+
+        return serve(argv[1:])
     args = parser().parse_args(argv)
     handler = getattr(args, "handler", demo_command)
     try:
