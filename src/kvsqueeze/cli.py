@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def run() -> None:
+def console() -> None:
     """The `kvsqueeze` command: freed cache memory goes back to the operating system (see `release_freed_memory`)."""
     from .memory import release_freed_memory
 
@@ -445,4 +445,4 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    run()
+    console()
