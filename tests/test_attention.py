@@ -84,3 +84,26 @@ def test_a_compressed_cache_read_without_kvsqueeze_is_refused():
     ctx = kvsqueeze.compress(model, None, random_ids(30), kvsqueeze.AdaKV(ratio=0.5))
     with torch.no_grad(), pytest.raises(kvsqueeze.cache.UnreadCacheError, match="attached"):
         model(random_ids(3), **cached(ctx.cache.fork()))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 512])
+def test_attention_received_is_the_causal_attention_summed_over_queries(chunk):
+    from kvsqueeze.attention import attention_received
+
+    torch.manual_seed(0)
+    batch, kv_heads, group, n, stored, dim = 2, 2, 3, 5, 9, 4
+    query, keys = torch.randn(batch, kv_heads * group, n, dim), torch.randn(batch, kv_heads, stored, dim)
+    real = torch.ones(batch, kv_heads, stored, dtype=torch.bool)
+    real[1, :, :3] = False  # row 1 is left-padded by three tokens
+    query_real = torch.ones(batch, n)
+    query_real[1, 0] = 0
+    logits = query @ keys.repeat_interleave(group, 1).transpose(-1, -2) * 0.5
+    position = torch.arange(n) + stored - n
+    hidden = (torch.arange(stored)[None, :] > position[:, None]) | ~real.repeat_interleave(group, 1)[:, :, None, :]
+    weights = logits.masked_fill(hidden, float("-inf")).softmax(-1).nan_to_num(0.0) * query_real[:, None, :, None]
+    expected = weights.sum(2).view(batch, kv_heads, group, stored).sum(2)
+    assert torch.allclose(attention_received(query, keys, real, 0.5, query_real, chunk=chunk), expected, atol=1e-6)
+    no_padding = query @ keys.repeat_interleave(group, 1).transpose(-1, -2) * 0.5
+    plain = no_padding.masked_fill(torch.arange(stored)[None, :] > position[:, None], float("-inf")).softmax(-1)
+    assert torch.allclose(attention_received(query, keys, None, 0.5, chunk=chunk),
+                          plain.sum(2).view(batch, kv_heads, group, stored).sum(2), atol=1e-6)

@@ -5,6 +5,7 @@
     kvsqueeze methods         every method with what it keeps, and the quantizers
     kvsqueeze eval -b B ...   score methods on a benchmark (resumable sweep, JSON lines, table, plots)
     kvsqueeze report FILES    merge result files into one table and plots
+    kvsqueeze leaderboard     every method over RULER and the needle grid, ranked, as a docs page with figures
     kvsqueeze bench           memory and speed against context length, with plots
     kvsqueeze lm-eval ARGS    lm-evaluation-harness's command line, with the "kvsqueeze" model registered
     kvsqueeze ui              a page that shows what a method kept, and the answers full vs compressed
@@ -249,6 +250,26 @@ def eval_command(args) -> int:
     return report(evaluation.read_results(out), out.with_suffix(".png"))
 
 
+def leaderboard_command(args) -> int:
+    from . import models
+    from .evaluation import leaderboard
+
+    settings = leaderboard.Settings(
+        ratios=[float(r) for r in args.ratios.split(",")],
+        quantizers=[q for q in args.quant.split(",") if q != "none"],
+        combined=[m for m in args.combined.split(",") if m], ruler_length=args.ruler_length,
+        ruler_samples=args.ruler_samples, needle_lengths=[int(n) for n in args.needle_lengths.split(",")],
+        needle_depths=args.needle_depths, methods=args.methods.split(",") if args.methods else None,
+        bundled=args.model is None)
+    if not args.page_only:
+        index, _, count = args.shard.partition("/")
+        model, tokenizer = models.load(args.model)
+        leaderboard.run(model, tokenizer, settings, args.out, shard=(int(index), int(count or 1)))
+    page = leaderboard.write_page(args.out, args.page, readme=args.readme)
+    print(f"wrote {page} and its figures")
+    return 0
+
+
 def report(rows: list[dict], plot_path: Path) -> int:
     from .evaluation import bucket_table, markdown_table, plots
 
@@ -392,6 +413,28 @@ def parser() -> argparse.ArgumentParser:
     reporting.add_argument("files", nargs="+")
     reporting.add_argument("--plot", help="PNG path (default: next to the first file)")
     reporting.set_defaults(handler=report_command)
+
+    ranking = commands.add_parser(
+        "leaderboard", help="every method over RULER and the needle grid at several ratios, ranked, as a page",
+        description="Run every method (at every ratio; methods with a budget at their defaults), every quantizer "
+                    "alone and on a few eviction methods, over RULER and the needle grid; write a ranked page and two "
+                    "figures (score against ratio, score against bytes held). Resumable: rerun to finish; shardable.")
+    ranking.add_argument("--model", default=None, help="hub id or local folder (default: the bundled SmolLM2)")
+    ranking.add_argument("-m", "--methods", help="comma-separated subset (default: every method)")
+    ranking.add_argument("-r", "--ratios", default="0.25,0.5,0.75")
+    ranking.add_argument("--quant", default="kivi-4,kivi-2", help="quantizers, alone and with --combined")
+    ranking.add_argument("--combined", default="knorm,snapkv,streaming_llm",
+                         help="eviction methods also run with each quantizer")
+    ranking.add_argument("--ruler-length", type=int, default=4096)
+    ranking.add_argument("--ruler-samples", type=int, default=1, help="RULER samples per task")
+    ranking.add_argument("--needle-lengths", default="2048,4096")
+    ranking.add_argument("--needle-depths", type=int, default=4)
+    ranking.add_argument("--shard", default="0/1", metavar="I/N", help="run every N-th sample from the I-th")
+    ranking.add_argument("-o", "--out", default="results/leaderboard", help="the folder of results")
+    ranking.add_argument("--page", default="docs/leaderboard.md")
+    ranking.add_argument("--readme", default=None, help="also write the top 15 into this README's leaderboard section")
+    ranking.add_argument("--page-only", action="store_true", help="write the page from the results already there")
+    ranking.set_defaults(handler=leaderboard_command)
 
     listing = commands.add_parser("methods", help="list every method and what it keeps",
                                   description="List every method: registry name, class, what it keeps.")

@@ -1,33 +1,15 @@
 import torch
 
+from ..attention import attention_received
 from ..budgets import top_k_per_head
 from ..context import LayerContext
 from .base import Method
 
 
-def accumulated_attention(ctx: LayerContext, chunk: int = 256) -> torch.Tensor:
-    """Attention each stored token received from the new queries, summed over them: [batch, kv_heads, stored].
-
-    Computed from the observed queries, a chunk of queries at a time (no n x n matrix), causal for new tokens.
-    """
-    queries = ctx.queries
-    keys = ctx.keys.repeat_interleave(ctx.group_size, dim=1)
-    stored, new = keys.shape[2], queries.shape[2]
-    total = torch.zeros(keys.shape[:3], device=keys.device)
-    for start in range(0, new, chunk):
-        block = queries[:, :, start:start + chunk]
-        logits = (block @ keys.transpose(-1, -2)).float() * ctx.scaling
-        position = torch.arange(start, start + block.shape[2], device=keys.device) + stored - new
-        logits = logits.masked_fill(torch.arange(stored, device=keys.device)[None, :] > position[:, None],
-                                    float("-inf"))
-        if ctx.real is not None:
-            real = ctx.real.repeat_interleave(ctx.group_size, dim=1)[:, :, None, :]
-            logits = logits.masked_fill(~real, float("-inf"))
-        weights = logits.softmax(-1).nan_to_num(0.0)  # a padding query sees nothing: no weights
-        if ctx.new_real is not None:
-            weights = weights * ctx.new_real[:, None, start:start + block.shape[2], None]
-        total += weights.sum(2)
-    return ctx.per_kv_head(total)
+def accumulated_attention(ctx: LayerContext) -> torch.Tensor:
+    """Attention each stored token received from this forward's queries, summed over them and averaged over the
+    query heads of its KV head: [batch, kv_heads, stored] (one more attention pass, chunk by chunk)."""
+    return attention_received(ctx.queries, ctx.keys, ctx.real, ctx.scaling, ctx.new_real) / ctx.group_size
 
 
 class H2O(Method):

@@ -1,0 +1,220 @@
+"""What every method costs: prefill+compress time against a plain transformers prefill, memory, bytes, decode speed.
+
+For each context length and each registered method (at its defaults, ratio 0.5; calibration-dependent methods
+with the bundled model's shipped tables or untrained modules of the right shape, which cost what trained ones
+cost) and each quantizer alone: the best of 3 prefill+compress times, each alternated with a plain transformers
+prefill of the same tokens into a `DynamicCache` (no kvsqueeze at all), as a ratio; the peak resident memory
+above the memory held before the context; the bytes the cache holds; and seconds per decoded token as a ratio
+of the full cache's (both decoding 16 tokens, best of 2). Rows go to a JSON-lines file (a run resumes where it
+stopped); `--table` writes the markdown table and a figure from them.
+
+    python benchmarks/method_cost.py --lengths 2048,4096,16384 --out results/method_cost.jsonl
+    python benchmarks/method_cost.py --table results/method_cost.jsonl --page docs/method-cost.md
+
+`--page` writes the docs page (the table, how it was measured, and the figure beside it).
+"""
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+import kvsqueeze
+from kvsqueeze.bench import context_ids, rss_kib
+from kvsqueeze.models import cache_argument
+
+DECODE_TOKENS = 16
+
+
+def method_at_defaults(name: str, model):
+    """`name` at its defaults (ratio 0.5 where it takes one), given what it must load."""
+    cls = kvsqueeze.available()[name]
+    config = model.config.get_text_config()
+    shape = (config.num_hidden_layers, config.num_key_value_heads)
+    table = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    if name == "headkv":
+        return cls(ratio=0.5, head_scores=table)
+    if name == "duo_attention":
+        return cls(head_patterns=table)
+    if name == "qfilter":
+        return cls(ratio=0.5, filters=torch.randn(*shape, config.head_dim, generator=torch.Generator().manual_seed(0)))
+    if name == "lukv":
+        from kvsqueeze.methods.lukv import budget_curves
+        gains = (1 + table)[..., None] / torch.arange(1, 65)
+        return cls(ratio=0.5, curves=budget_curves([gains], list(range(config.num_hidden_layers))))
+    if name == "kvzap":
+        from kvsqueeze.methods.kvzap import Surrogate
+        return cls(ratio=0.5, surrogate=Surrogate.for_model(model))
+    if name == "fastkvzip":
+        from kvsqueeze.methods.fastkvzip import Gates
+        return cls(ratio=0.5, gates=Gates.for_model(model))
+    if name == "restorekv":
+        from kvsqueeze.methods.restorekv import RestoreAdapter
+        return cls(ratio=0.5, adapter=RestoreAdapter.for_model(model))
+    if name == "dms":
+        return cls(threshold=0.0)
+    if name == "per_layer_compression":
+        return cls(ratios=[0.5] * config.num_hidden_layers)
+    if name == "composed":
+        return cls(["snapkv", "think"])
+    takes_ratio = "ratio" in {f.name for f in __import__("dataclasses").fields(cls)}
+    return cls(ratio=0.5) if takes_ratio else cls()
+
+
+def configurations() -> list[tuple[str, str | None, str | None]]:
+    """(label, method name, quantizer): the full cache, every method, every quantizer alone."""
+    configs = [("full", None, None)]
+    configs += [(name, name, None) for name in kvsqueeze.available()]
+    configs += [(f"quant:{q}", None, q) for q in ("kivi-2", "kivi-4", "kvquant-4", "gear-4")]
+    return configs
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def plain_prefill(model, ids):
+    with torch.no_grad():
+        model.base_model(input_ids=ids, **{cache_argument(model): DynamicCache(config=model.config)}, use_cache=True)
+
+
+def measure(model, ids, question, name, quant, reps: int, full_decode: float | None) -> dict:
+    method = None if name is None else method_at_defaults(name, model)
+    decode_method = method if method is not None and method.phase == "decode" else None
+    prefill_method = None if decode_method is not None else method
+    compress = lambda: kvsqueeze.compress(model, None, ids, prefill_method, quantizer=quant, check_window=False)
+    plain, mine = [], []
+    for _ in range(reps):
+        plain.append(timed(lambda: plain_prefill(model, ids)))
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+        before = rss_kib("VmRSS")
+        start = time.perf_counter()
+        ctx = compress()
+        mine.append(time.perf_counter() - start)
+        peak = rss_kib("VmHWM") - before
+        if len(mine) < reps:
+            del ctx
+    decode = min(timed(lambda: ctx.generate(question, decode_method, max_new_tokens=DECODE_TOKENS,
+                                             min_new_tokens=DECODE_TOKENS)) for _ in range(2)) / DECODE_TOKENS
+    return {"prefill_s": min(mine), "plain_prefill_s": min(plain), "prefill_ratio": min(mine) / min(plain),
+            "peak_mib": round(peak / 1024, 1), "bytes_held_mib": round(ctx.nbytes() / 2**20, 2),
+            "bytes_share": ctx.stats.bytes_held / ctx.stats.bytes_uncompressed if ctx.stats.bytes_uncompressed else 1,
+            "decode_s_per_token": decode, "decode_ratio": None if full_decode is None else decode / full_decode}
+
+
+def run(args):
+    model, tokenizer = kvsqueeze.load()
+    torch.set_num_threads(args.threads)
+    question = tokenizer("\n\nWhat is this text about?", add_special_tokens=False, return_tensors="pt").input_ids
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {(r["length"], r["config"]) for r in map(json.loads, out.open())} if out.exists() else set()
+    only = set(args.only.split(",")) if args.only else None
+    kvsqueeze.compress(model, None, context_ids(tokenizer, 64))  # warm up
+    for length in map(int, args.lengths.split(",")):
+        ids = context_ids(tokenizer, length)
+        full_decode = next((r["decode_s_per_token"] for r in map(json.loads, out.open())
+                            if r["length"] == length and r["config"] == "full"), None) if out.exists() else None
+        for label, name, quant in configurations():
+            if (length, label) in done or (only and label not in only and label != "full"):
+                continue
+            try:
+                row = measure(model, ids, question, name, quant, args.reps, full_decode)
+            except Exception as error:  # noqa: BLE001  a method that cannot run at this length is reported, not fatal
+                row = {"error": f"{type(error).__name__}: {error}"[:300]}
+            row = {"length": length, "config": label} | row
+            if label == "full":
+                full_decode = row.get("decode_s_per_token")
+                row["decode_ratio"] = 1.0
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+
+
+def page(path: str, page_path: str) -> None:
+    """The docs page: how it was measured, the table, and its figure (`<page stem>.png` beside it)."""
+    page_path = Path(page_path)
+    figure = page_path.with_suffix(".png")
+    text = table(path, str(figure))
+    rows = [json.loads(line) for line in Path(path).open()]
+    lengths = ", ".join(f"{n:,}" for n in sorted({r["length"] for r in rows}))
+    page_path.write_text(f"""# What each method costs
+
+Made by `python benchmarks/method_cost.py` on the bundled SmolLM2-135M-Instruct (float32, 2 CPU threads), contexts
+of {lengths} tokens. **prefill** is the best of 3 prefill+compress times of `kvsqueeze.compress` (each method at its
+defaults, ratio 0.5 where it takes one) divided by the best of 3 plain transformers prefills of the same tokens into a
+`DynamicCache`, alternated with them in one run: 1.00x is no cost at all. **decode** is seconds per generated token
+on the compressed cache over the full cache's (16 tokens, best of 2, at the longest length). **bytes held** is what
+the cache really holds, as a share of the full cache's; **peak MiB** the resident memory the prefill+compress added
+at its peak. Methods that need calibration run with untrained tables or modules of the right shape, which cost
+what trained ones cost.
+
+![prefill+compress time over a plain prefill]({figure.name})
+
+{text}
+""")
+
+
+def table(path: str, figure: str | None) -> str:
+    rows = [json.loads(line) for line in Path(path).open()]
+    lengths = sorted({r["length"] for r in rows})
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    cell = {(r["length"], r["config"]): r for r in rows}
+    head = "| configuration | " + " | ".join(f"prefill {n:,}" for n in lengths) + " | decode | bytes held | peak MiB |"
+    lines = [head, "|---|" + "---|" * (len(lengths) + 3)]
+    for config in configs:
+        found = [cell.get((n, config)) for n in lengths]
+        prefill = [("—" if r is None else "error" if "error" in r else f"{r['prefill_ratio']:.2f}x") for r in found]
+        last = next((r for r in reversed(found) if r and "error" not in r), None)
+        decode = "—" if last is None or last.get("decode_ratio") is None else f"{last['decode_ratio']:.2f}x"
+        share = "—" if last is None else f"{last['bytes_share']:.0%}"
+        peak = "—" if last is None else f"{last['peak_mib']:.0f}"
+        lines.append(f"| {config} | " + " | ".join(prefill) + f" | {decode} | {share} | {peak} |")
+    text = "\n".join(lines)
+    if figure:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(12, 5))
+        width = 0.8 / len(lengths)
+        for i, n in enumerate(lengths):
+            values = [cell.get((n, c), {}).get("prefill_ratio", float("nan")) for c in configs]
+            ax.bar([j + i * width for j in range(len(configs))], values, width, label=f"{n:,} tokens")
+        ax.axhline(1.10, color="black", linestyle="--", linewidth=0.8, label="1.10x")
+        ax.set_xticks([j + 0.4 for j in range(len(configs))], configs, rotation=90, fontsize=7)
+        ax.set_ylabel("prefill+compress / plain prefill")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(figure, dpi=120)
+    return text
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="2048,4096,16384")
+    parser.add_argument("--out", default="results/method_cost.jsonl")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", help="comma-separated configurations (the full cache is always measured)")
+    parser.add_argument("--table", metavar="JSONL", help="print the table of a finished run (and --figure)")
+    parser.add_argument("--figure")
+    parser.add_argument("--page", help="with --table: write the docs page (and its figure beside it)")
+    args = parser.parse_args()
+    if args.table and args.page:
+        page(args.table, args.page)
+    elif args.table:
+        print(table(args.table, args.figure))
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    kvsqueeze.release_freed_memory()  # freed cache memory goes back to the OS
+    main()
