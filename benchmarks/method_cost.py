@@ -129,7 +129,7 @@ def run(args):
                 row = measure(model, ids, question, name, quant, args.reps, full_decode)
             except Exception as error:  # noqa: BLE001  a method that cannot run at this length is reported, not fatal
                 row = {"error": f"{type(error).__name__}: {error}"[:300]}
-            row = {"length": length, "config": label} | row
+            row = {"length": length, "config": label, "threads": args.threads} | row
             if label == "full":
                 full_decode = row.get("decode_s_per_token")
                 row["decode_ratio"] = 1.0
@@ -145,16 +145,17 @@ def page(path: str, page_path: str) -> None:
     text = table(path, str(figure))
     rows = [json.loads(line) for line in Path(path).open()]
     lengths = ", ".join(f"{n:,}" for n in sorted({r["length"] for r in rows}))
+    threads = "/".join(map(str, sorted({r.get("threads", 2) for r in rows})))
     page_path.write_text(f"""# What each method costs
 
-Made by `python benchmarks/method_cost.py` on the bundled SmolLM2-135M-Instruct (float32, 2 CPU threads), contexts
-of {lengths} tokens. **prefill** is the best of 3 prefill+compress times of `kvsqueeze.compress` (each method at its
-defaults, ratio 0.5 where it takes one) divided by the best of 3 plain transformers prefills of the same tokens into a
-`DynamicCache`, alternated with them in one run: 1.00x is no cost at all. **decode** is seconds per generated token
-on the compressed cache over the full cache's (16 tokens, best of 2, at the longest length). **bytes held** is what
-the cache really holds, as a share of the full cache's; **peak MiB** the resident memory the prefill+compress added
-at its peak. Methods that need calibration run with untrained tables or modules of the right shape, which cost
-what trained ones cost.
+Made by `python benchmarks/method_cost.py` on the bundled SmolLM2-135M-Instruct (float32, {threads} CPU threads),
+contexts of {lengths} tokens. **prefill** is the best of 3 prefill+compress times of `kvsqueeze.compress` (each
+method at its defaults, ratio 0.5 where it takes one) divided by the best of 3 plain transformers prefills of the
+same tokens into a `DynamicCache`, alternated with them in one run: 1.00x is no cost at all. **decode** is seconds
+per generated token on the compressed cache over the full cache's (16 tokens, best of 2, at the longest length).
+**bytes held** is what the cache really holds, as a share of the full cache's; **peak MiB** the resident memory the
+prefill+compress added at its peak. Methods that need calibration run with untrained tables or modules of the right
+shape, which cost what trained ones cost.
 
 ![prefill+compress time over a plain prefill]({figure.name})
 

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random models of several families (milliseconds to build) and the bundled SmolLM2."""
 
+import contextlib
 import inspect
 import logging
 
@@ -36,16 +37,42 @@ def random_ids(n: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
     return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+class Collected(logging.Handler):
+    """The messages of the records a logger emits."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def deprecations(messages: list[str]) -> list[str]:
+    return [m for m in messages if "deprecat" in m.lower()]
+
+
+@contextlib.contextmanager
+def no_logged_deprecation():
+    """Fails (AssertionError) when transformers logs a deprecation inside the block. The handler sits on
+    transformers' own logger, which does not pass its records on to the root logger that pytest captures."""
+    logger, collected = logging.getLogger("transformers"), Collected()
+    logger.addHandler(collected)
+    try:
+        yield collected
+    finally:
+        logger.removeHandler(collected)
+    deprecated = deprecations(collected.messages)
+    assert not deprecated, f"transformers deprecation: {deprecated[0]}"
+
+
 @pytest.fixture(autouse=True)
-def transformers_deprecations_fail(caplog):
+def transformers_deprecations_fail():
     """A deprecation transformers logs (rather than warns) about something a test or kvsqueeze used fails the test,
     so that the next rename breaks the suite while the old name still works. (Warned deprecations are errors
     through pytest's filterwarnings, see pyproject.toml.)"""
-    caplog.set_level(logging.WARNING, logger="transformers")
-    yield
-    deprecated = [r.getMessage() for r in caplog.records if r.name.startswith("transformers") and "deprecat" in
-                  r.getMessage().lower()]
-    assert not deprecated, f"transformers deprecation: {deprecated[0]}"
+    with no_logged_deprecation():
+        yield
 
 
 @pytest.fixture(params=list(FAMILIES))

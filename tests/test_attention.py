@@ -88,7 +88,7 @@ def test_a_compressed_cache_read_without_kvsqueeze_is_refused():
 
 @pytest.mark.parametrize("chunk", [1, 3, 512])
 def test_attention_received_is_the_causal_attention_summed_over_queries(chunk):
-    from kvsqueeze.attention import attention_received
+    from kvsqueeze.methods.h2o import attention_received
 
     torch.manual_seed(0)
     batch, kv_heads, group, n, stored, dim = 2, 2, 3, 5, 9, 4

@@ -13,7 +13,7 @@ import transformers
 import kvsqueeze
 from kvsqueeze import hooks, models
 from kvsqueeze.forward import CompressionNotAppliedError
-from conftest import CACHE_ARGUMENT, random_ids, tiny_model
+from conftest import CACHE_ARGUMENT, deprecations, no_logged_deprecation, random_ids, tiny_model
 
 pytestmark = pytest.mark.compat
 
@@ -78,6 +78,24 @@ def test_kvsqueeze_calls_use_the_current_names(recwarn):
                        do_sample=False)
     deprecations = [w for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not deprecations, [str(w.message) for w in deprecations]
+
+
+def test_attention_modules_give_the_scaling_that_attention_scores_read(family):
+    model = tiny_model(family)
+    config = model.config
+    expected = getattr(config, "query_pre_attn_scalar", None) or config.head_dim
+    for module in models.attention_modules(model):
+        assert module.scaling == expected ** -0.5  # LayerContext.scaling reads it (and refuses a module without it)
+
+
+def test_a_deprecation_transformers_only_logs_reaches_the_check_that_fails_the_test():
+    from transformers.utils import logging as transformers_logging
+
+    with no_logged_deprecation() as collected:  # what every test runs in (conftest's autouse fixture)
+        transformers_logging.get_logger("transformers.models.llama").warning("a message from a model's module")
+    assert collected.messages == ["a message from a model's module"]  # transformers' logger does not propagate
+    assert deprecations(["`past_key_values` is deprecated; use `cache`", "other"]) == [
+        "`past_key_values` is deprecated; use `cache`"]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])

@@ -12,7 +12,8 @@ from .methods import *  # noqa: F401,F403  every method class, by name
 from .methods import Method, MissingAttentionWeights, ScorerMethod, UnknownMethodError, available, l2_compress, method
 from .memory import release_freed_memory
 from .models import load
-from .pipeline import CompressedContext, CompressionStats, ContextTooLongError, compress
+from .inputs import ContextTooLongError
+from .pipeline import CompressedContext, CompressionStats, compress
 from .saved import CorruptContextError, ModelMismatchError
 from .attention import UnsupportedModelError
 from .branches import compress_each

@@ -83,39 +83,6 @@ def causal_weights(query: torch.Tensor, keys: torch.Tensor, real: torch.Tensor |
     return logits.softmax(dim=-1)
 
 
-def attention_received(query: torch.Tensor, keys: torch.Tensor, real: torch.Tensor | None, scaling: float,
-                       query_real: torch.Tensor | None = None, chunk: int = 512) -> torch.Tensor:
-    """Attention each stored key receives from `query` [batch, heads, n, dim] (the last n stored tokens, causal),
-    summed over the queries and over the query heads of each KV head: [batch, kv_heads, stored]. `real` [batch,
-    kv_heads, stored] hides padding keys, `query_real` [batch, n] leaves padding queries out (None: none).
-
-    One more attention pass at the cost of its QKᵀ product: `chunk` queries at a time, each chunk against only the
-    keys it can see, grouped query heads multiplied against their shared keys (nothing repeated, no n × n matrix).
-    """
-    batch, heads, n, dim = query.shape
-    kv_heads, stored = keys.shape[1], keys.shape[2]
-    group = heads // kv_heads
-    grouped = query.view(batch, kv_heads, group, n, dim)
-    total = torch.zeros(batch, kv_heads, stored, device=keys.device)
-    for start in range(0, n, chunk):
-        size = min(chunk, n - start)
-        seen = stored - n + start + size  # the last key a query of this chunk sees
-        block = grouped[:, :, :, start:start + size].reshape(batch, kv_heads, group * size, dim)
-        logits = torch.matmul(block, keys[:, :, :seen].transpose(-1, -2)).float().mul_(scaling)
-        logits = logits.view(batch, kv_heads, group, size, seen)
-        logits[..., -size:].masked_fill_(torch.ones(size, size, dtype=torch.bool, device=keys.device).triu(1),
-                                         float("-inf"))
-        if real is not None:
-            logits.masked_fill_(~real[:, :, None, None, :seen], float("-inf"))
-        weights = logits.softmax(-1)
-        if real is not None:
-            weights.nan_to_num_(0.0)  # a padding query sees no real key: it pays nothing
-        if query_real is not None:
-            weights.mul_(query_real[:, None, None, start:start + size, None])
-        total[..., :seen] += weights.sum((2, 3))
-    return total
-
-
 def attend_to(call: AttentionCall, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The model's attention reading only the stored tokens at `index` [batch, kv_heads, n] (positions in the key,
     each KV head its own, in increasing order): the other keys and values are never read.

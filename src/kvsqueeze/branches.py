@@ -21,7 +21,8 @@ from .cache import SqueezeCache
 from .context import LayerContext
 from .methods.base import Method
 from .layout import pack
-from .pipeline import CompressedContext, context_rows, measure, pad_id, prefill
+from .inputs import context_rows, pad_id
+from .pipeline import CompressedContext, measure, prefill
 from .quantizers import Quantizer, quantizer as as_quantizer
 
 

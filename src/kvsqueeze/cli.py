@@ -258,7 +258,8 @@ def leaderboard_command(args) -> int:
         ratios=[float(r) for r in args.ratios.split(",")],
         quantizers=[q for q in args.quant.split(",") if q != "none"],
         combined=[m for m in args.combined.split(",") if m], ruler_length=args.ruler_length,
-        ruler_samples=args.ruler_samples, needle_lengths=[int(n) for n in args.needle_lengths.split(",")],
+        ruler_samples=args.ruler_samples, ruler_tasks=args.ruler_tasks.split(",") if args.ruler_tasks else None,
+        needle_lengths=[int(n) for n in args.needle_lengths.split(",")],
         needle_depths=args.needle_depths, methods=args.methods.split(",") if args.methods else None,
         bundled=args.model is None)
     if not args.page_only:
@@ -427,6 +428,7 @@ def parser() -> argparse.ArgumentParser:
                          help="eviction methods also run with each quantizer")
     ranking.add_argument("--ruler-length", type=int, default=4096)
     ranking.add_argument("--ruler-samples", type=int, default=1, help="RULER samples per task")
+    ranking.add_argument("--ruler-tasks", help="comma-separated RULER tasks (default: all eleven)")
     ranking.add_argument("--needle-lengths", default="2048,4096")
     ranking.add_argument("--needle-depths", type=int, default=4)
     ranking.add_argument("--shard", default="0/1", metavar="I/N", help="run every N-th sample from the I-th")

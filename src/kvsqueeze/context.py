@@ -16,7 +16,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from .attention import causal_weights
+from .attention import UnsupportedModelError, causal_weights
 from .cache import SqueezeCache
 from .layer import CacheLayer
 
@@ -173,7 +173,12 @@ class LayerContext:
 
     @property
     def scaling(self) -> float:
-        return getattr(self.module, "scaling", self.head_dim ** -0.5)
+        """The attention module's softmax scale (Gemma's is not head_dim ** -0.5): read, never guessed."""
+        scaling = getattr(self.module, "scaling", None)
+        if not isinstance(scaling, float):
+            raise UnsupportedModelError(f"{type(self.module).__name__} has no float `scaling`, which the methods that "
+                                        "compute attention read")
+        return scaling
 
     @property
     def queries(self) -> torch.Tensor:

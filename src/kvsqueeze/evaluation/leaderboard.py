@@ -21,13 +21,15 @@ from pathlib import Path
 from .runner import Configuration, read_results, run_metadata, summary, sweep
 
 # what needs a calibration file made on the model; the bundled model ships HeadKV's and DuoAttention's
-CALIBRATED = ("fastkvzip", "headkv", "kvzap", "qfilter", "restorekv", "duo_attention")
+CALIBRATED = ("fastkvzip", "headkv", "kvzap", "lukv", "qfilter", "restorekv", "duo_attention")
 BUNDLED_CALIBRATION = {"headkv": "head_scores", "duo_attention": "head_patterns"}
 # not a compression of a prefilled context: a composition of other methods, and the decoding-time budgets
 NOT_RANKED = {"composed": "composes other methods (each is ranked alone)",
               "per_layer_compression": "a ratio per layer, given by the user",
               "decoding_budget": "bounds the cache while generating, not the context",
               "rolling_streaming_llm": "bounds the cache while generating, not the context",
+              "observed_attention": "needs the attention weights, which only eager attention returns (the board runs "
+                                    "sdpa; kvpress parity and its tests run it under eager)",
               "dms": "keeps what passes a score threshold, which depends on the model and the scorer (no ratio)"}
 
 
@@ -140,7 +142,8 @@ def entries(folder: str | Path) -> list[Entry]:
     for method, ratio, quant in keys:
         ruler, needle = per_benchmark["ruler"][(method, ratio, quant)], per_benchmark["needle"][(method, ratio, quant)]
         grouped.setdefault((method, quant), {})[ratio] = {
-            "ruler": ruler["average"], "needle": needle["average"], "average": (ruler["average"] + needle["average"]) / 2,
+            "ruler": ruler["average"], "needle": needle["average"],
+            "average": (ruler["average"] + needle["average"]) / 2,
             "bytes": (ruler["bytes"] * ruler["n"] + needle["bytes"] * needle["n"]) / (ruler["n"] + needle["n"])}
     rows = [Entry(method, quant, scores) for (method, quant), scores in grouped.items()]
     return sorted(rows, key=lambda e: (-e.mean, e.bytes, e.label))
@@ -217,10 +220,12 @@ def write_page(folder: str | Path, page: str | Path, readme: str | Path | None =
         raise ValueError(f"{folder}: no configuration has results on both benchmarks yet")
     by_ratio, by_bytes = figures(rows, page.parent, page.stem)
     minutes = record["seconds"] / 60
-    about = (f"The bundled model, {record['device']}, {record['threads']} threads, commit {str(record['commit'])[:10]}; "
-             f"{record['configurations']} configurations; RULER at {settings['ruler_length']:,} tokens "
-             f"({settings['ruler_samples']} sample per task), needle at {', '.join(map(str, settings['needle_lengths']))}"
-             f" tokens × {settings['needle_depths']} depths; {minutes:.0f} minutes in all.")
+    needle_lengths = ", ".join(map(str, settings["needle_lengths"]))
+    tasks = ", ".join(settings["ruler_tasks"]) if settings.get("ruler_tasks") else "all 11 tasks"
+    about = (f"The bundled model, {record['device']}, {record['threads']} threads, commit "
+             f"{str(record['commit'])[:10]}; {record['configurations']} configurations; RULER at "
+             f"{settings['ruler_length']:,} tokens ({tasks}, {settings['ruler_samples']} sample each), needle at "
+             f"{needle_lengths} tokens × {settings['needle_depths']} depths; {minutes:.0f} minutes in all.")
     left_out = "\n".join(f"- **{name}**: {why}" for name, why in sorted(record["left_out"].items()))
     text = f"""# Leaderboard
 

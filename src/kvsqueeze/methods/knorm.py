@@ -29,7 +29,7 @@ def l2_compress(past_key_values, keep_ratio: float = 1.0, prune_after: int = 204
     Every layer not in `skip_layers` that holds at least `prune_after` tokens keeps
     ceil(keep_ratio * tokens) tokens per head, those with the smallest key norm. Unlike the paper's
     code, kept tokens stay in their original order (attention does not depend on it: positions are
-    already in the keys). Takes a transformers `Cache` (e.g. `outputs.past_key_values`), a
+    already in the keys). Takes a transformers `Cache` (e.g. `outputs.cache`), a
     `SqueezeCache` or a list of (keys, values); returns a new `SqueezeCache` (evicted tokens are
     freed once the input cache is dropped) that remembers the logical length, so the next forward
     continues at the right positions.

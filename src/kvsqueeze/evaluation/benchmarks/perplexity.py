@@ -18,7 +18,7 @@ from ...cache import SqueezeCache
 from ...hooks import attached
 from ...models import cache_argument
 from ...methods import Method
-from ...pipeline import check_fits
+from ...inputs import check_fits
 from ..base import Benchmark, Question, Sample
 from ..needle import essays, split_sentences
 
