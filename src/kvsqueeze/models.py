@@ -43,8 +43,14 @@ def bundled_model_path() -> Path:
     staging = Path(tempfile.mkdtemp(dir=target.parent))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    try:
+        staging.rename(target)
+    except OSError:  # in the way: another process's finished conversion (keep it) or a stale folder without weights
+        if (target / "model.safetensors").exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
     return target
 
 

@@ -20,6 +20,11 @@ globals().update({cls.__name__: cls for cls in REGISTRY.values()})
 __all__ = sorted(cls.__name__ for cls in REGISTRY.values())
 
 
+# the method the demo, `kvsqueeze ask`, the ui and the server use when none is named: chosen by measurement, the best
+# on the leaderboard (docs/leaderboard.md) among the methods within 1.10x of a plain prefill (docs/method-cost.md)
+DEFAULT = "streaming_llm"
+
+
 class UnknownMethodError(KeyError):
     def __str__(self):
         return self.args[0]

@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from .. import methods
 from ..models import DEFAULT_MODEL, cache_dir
 
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
@@ -29,8 +30,8 @@ def parser() -> argparse.ArgumentParser:
         description="Serve compressed contexts behind an OpenAI-compatible API: POST /v1/contexts compresses a "
                     "document once, POST /v1/chat/completions with a context_id asks it questions.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder (default: the bundled SmolLM2)")
-    p.add_argument("--method", default="streaming_llm",
-                   help="method for contexts that name none (registry name, or none); default streaming_llm")
+    p.add_argument("--method", default=methods.DEFAULT,
+                   help=f"method for contexts that name none (registry name, or none); default {methods.DEFAULT}")
     p.add_argument("--ratio", type=float, default=0.5, help="its ratio, the fraction of the cache removed (0.5)")
     p.add_argument("--quant", default=None, metavar="NAME-BITS", help="store contexts quantized: kivi-4, kivi-2, ...")
     p.add_argument("--chunk-size", type=int, default=None, help="prefill contexts in chunks of this many tokens")

@@ -34,7 +34,7 @@ QUESTION_MARK = "<<kvsqueeze:question>>"  # where the question will continue the
 class Settings:
     store: Path
     model_name: str = "smollm2"
-    method: str | None = "streaming_llm"  # for contexts that name none; None: no eviction
+    method: str | None = kvsqueeze.methods.DEFAULT  # for contexts that name none; None: no eviction
     ratio: float = 0.5
     quantizer: str | None = None
     chunk_size: int | None = None

@@ -32,7 +32,7 @@ import kvsqueeze
 from ..kept import kept_positions
 
 STATIC = files("kvsqueeze.ui").joinpath("static")
-DEFAULT_METHOD = "streaming_llm"
+DEFAULT_METHOD = kvsqueeze.methods.DEFAULT
 KEPT_CONTEXTS = 2  # compressed documents kept for questions (each with its full cache): the most recent ones
 
 
