@@ -307,8 +307,8 @@ def test_the_bundled_model_end_to_end(bundled, tmp_path):
     model, tok = bundled
     question = "How many bay leaves does the lighthouse keeper's secret fish stew recipe use?"
     with Server(model, tmp_path, tokenizer_=tok, model_name="smollm2") as server, server.http() as http:
-        context = create(http, text=DOCUMENT)  # the server's default: streaming_llm at 0.5
-        assert context["method"] == "streaming_llm" and context["tokens"] > 3000
+        context = create(http, text=DOCUMENT)  # the server's default method at 0.5
+        assert context["method"] == kvsqueeze.methods.DEFAULT and context["tokens"] > 3000
         assert context["bytes_held"] <= 0.55 * context["bytes_full"]
         client = server.openai()
         answer = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": question}],

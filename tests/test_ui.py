@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("starlette", reason="starlette is not installed: pip install 'kvsqueeze[ui]'")
 from starlette.testclient import TestClient  # noqa: E402
 
-from kvsqueeze import cli  # noqa: E402
+from kvsqueeze import cli, methods  # noqa: E402
 from kvsqueeze.ui import create_app  # noqa: E402
 
 CHROMIUM = os.environ.get("KVSQUEEZE_CHROMIUM", "/usr/bin/chromium")
@@ -104,7 +104,7 @@ def test_the_app_can_be_mounted_under_a_prefix():
     outer = TestClient(Starlette(routes=[Mount("/ui", app=create_app(model=object(), tokenizer=None))]))
     assert outer.get("/ui", follow_redirects=False).headers["location"].endswith("/ui/")
     assert outer.get("/ui/").status_code == outer.get("/ui/static/app.js").status_code == 200
-    assert outer.get("/ui/api/options").json()["default_method"] == "streaming_llm"
+    assert outer.get("/ui/api/options").json()["default_method"] == methods.DEFAULT
     script = outer.get("/ui/static/app.js").text
     assert 'fetch("/' not in script and "fetch('/" not in script  # no absolute URL
 

@@ -104,10 +104,10 @@ def run(model, tokenizer, settings: Settings, out: str | Path, shard: tuple[int,
     for name, bench in benches.items():
         sweep(model, tokenizer, bench, grid, out / f"{name}.jsonl", samples=samples[name], shard=shard,
               metadata=metadata, progress=progress)
-    seconds = previous.get("seconds", 0.0) + time.perf_counter() - start
-    record.write_text(json.dumps({"seconds": seconds, "settings": settings.__dict__, "left_out": left_out,
-                                  "configurations": len(grid), "device": metadata["device"],
-                                  "threads": metadata["threads"], "commit": metadata["commit"]}, indent=1))
+        seconds = previous.get("seconds", 0.0) + time.perf_counter() - start  # after each sweep: a stopped run counts
+        record.write_text(json.dumps({"seconds": seconds, "settings": settings.__dict__, "left_out": left_out,
+                                      "configurations": len(grid), "device": metadata["device"],
+                                      "threads": metadata["threads"], "commit": metadata["commit"]}, indent=1))
     return out
 
 
@@ -222,11 +222,18 @@ def write_page(folder: str | Path, page: str | Path, readme: str | Path | None =
     minutes = record["seconds"] / 60
     needle_lengths = ", ".join(map(str, settings["needle_lengths"]))
     tasks = ", ".join(settings["ruler_tasks"]) if settings.get("ruler_tasks") else "all 11 tasks"
-    about = (f"The bundled model, {record['device']}, {record['threads']} threads, commit "
+    threads = f"{record['threads']} thread" + ("s" if record["threads"] != 1 else "")
+    about = (f"The bundled model, {record['device']}, {threads}, commit "
              f"{str(record['commit'])[:10]}; {record['configurations']} configurations; RULER at "
              f"{settings['ruler_length']:,} tokens ({tasks}, {settings['ruler_samples']} sample each), needle at "
              f"{needle_lengths} tokens × {settings['needle_depths']} depths; {minutes:.0f} minutes in all.")
-    left_out = "\n".join(f"- **{name}**: {why}" for name, why in sorted(record["left_out"].items()))
+    from .. import methods
+
+    why_not = dict(record["left_out"])
+    ranked = {entry.method.partition(":")[0] for entry in rows}
+    why_not |= {name: "not in this run (left out with `--methods`)" for name in methods.available()
+                if name not in ranked and name not in why_not}
+    left_out = "\n".join(f"- **{name}**: {why}" for name, why in sorted(why_not.items()))
     text = f"""# Leaderboard
 
 Every method on the bundled model, ranked by its mean score over RULER and the needle grid at every compression

@@ -22,7 +22,7 @@ __all__ = sorted(cls.__name__ for cls in REGISTRY.values())
 
 # the method the demo, `kvsqueeze ask`, the ui and the server use when none is named: chosen by measurement, the best
 # on the leaderboard (docs/leaderboard.md) among the methods within 1.10x of a plain prefill (docs/method-cost.md)
-DEFAULT = "streaming_llm"
+DEFAULT = "leverage_score"
 
 
 class UnknownMethodError(KeyError):
