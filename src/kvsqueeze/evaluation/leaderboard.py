@@ -195,7 +195,8 @@ def figures(rows: list[Entry], folder: Path, stem: str, top: int = 12) -> tuple[
                 if entry.method == "full" else "both" if entry.quant else "eviction")
         marker, color = kinds[kind]
         for s in entry.scores.values():
-            axis.scatter(s["bytes"] * 100, s["average"], marker=marker, color=color, alpha=0.6, s=28)
+            axis.scatter(s["bytes"] * 100, s["average"], marker=marker, color=color, alpha=0.6, s=28,
+                         zorder=3 if kind == "full cache" else 2)
     for kind, (marker, color) in kinds.items():
         axis.scatter([], [], marker=marker, color=color, label=kind)
     axis.set_xlabel("bytes held (% of the full cache)")
