@@ -144,13 +144,14 @@ def page(path: str, page_path: str, reps: int) -> None:
     figure = page_path.with_suffix(".png")
     text = table(path, str(figure))
     rows = [json.loads(line) for line in Path(path).open()]
-    lengths = ", ".join(f"{n:,}" for n in sorted({r["length"] for r in rows}))
-    threads = "/".join(map(str, sorted({r.get("threads", 2) for r in rows})))
+    threads = "; ".join(f"{n:,} tokens: {len({r['config'] for r in rows if r['length'] == n})} configurations, torch "
+                        "threads " + "/".join(map(str, sorted({r.get("threads", 2) for r in rows if r["length"] == n})))
+                        for n in sorted({r["length"] for r in rows}))
     reps = "/".join(map(str, sorted({r.get("reps", reps) for r in rows if r["config"] != "full"})))
     page_path.write_text(f"""# What each method costs
 
-Made by `python benchmarks/method_cost.py` on the bundled SmolLM2-135M-Instruct (float32, {threads} CPU threads),
-contexts of {lengths} tokens. **prefill** is the best of {reps} prefill+compress times of `kvsqueeze.compress` (each
+Made by `python benchmarks/method_cost.py` on the bundled SmolLM2-135M-Instruct (float32, CPU;
+{threads}). **prefill** is the best of {reps} prefill+compress times of `kvsqueeze.compress` (each
 method at its defaults, ratio 0.5 where it takes one) divided by the best of as many plain transformers prefills of the
 same tokens into a `DynamicCache`, alternated with them in one run: 1.00x is no cost at all. **decode** is seconds
 per generated token on the compressed cache over the full cache's (16 tokens, best of 2, at the longest length).
