@@ -61,8 +61,7 @@ def method_at_defaults(name: str, model):
         return cls(ratios=[0.5] * config.num_hidden_layers)
     if name == "composed":
         return cls(["snapkv", "think"])
-    takes_ratio = "ratio" in {f.name for f in __import__("dataclasses").fields(cls)}
-    return cls(ratio=0.5) if takes_ratio else cls()
+    return kvsqueeze.methods.build(name)  # ratio 0.5 where it takes one
 
 
 def configurations() -> list[tuple[str, str | None, str | None]]:
@@ -147,11 +146,11 @@ def page(path: str, page_path: str, reps: int) -> None:
     threads = "; ".join(f"{n:,} tokens: {len({r['config'] for r in rows if r['length'] == n})} configurations, torch "
                         "threads " + "/".join(map(str, sorted({r.get("threads", 2) for r in rows if r["length"] == n})))
                         for n in sorted({r["length"] for r in rows}))
-    reps = "/".join(map(str, sorted({r.get("reps", reps) for r in rows if r["config"] != "full"})))
+    repetitions = "/".join(map(str, sorted({r.get("reps", reps) for r in rows if r["config"] != "full"})))
     page_path.write_text(f"""# What each method costs
 
 Made by `python benchmarks/method_cost.py` on the bundled SmolLM2-135M-Instruct (float32, CPU;
-{threads}). **prefill** is the best of {reps} prefill+compress times of `kvsqueeze.compress` (each
+{threads}). **prefill** is the best of {repetitions} prefill+compress times of `kvsqueeze.compress` (each
 method at its defaults, ratio 0.5 where it takes one) divided by the best of as many plain transformers prefills of the
 same tokens into a `DynamicCache`, alternated with them in one run: 1.00x is no cost at all. **decode** is seconds
 per generated token on the compressed cache over the full cache's (16 tokens, best of 2, at the longest length).

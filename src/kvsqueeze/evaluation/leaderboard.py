@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
-from .runner import Configuration, read_results, run_metadata, summary, sweep
+from .runner import Configuration, configurations, read_results, run_metadata, summary, sweep
 
-# what needs a calibration file made on the model; the bundled model ships HeadKV's and DuoAttention's
-CALIBRATED = ("fastkvzip", "headkv", "kvzap", "lukv", "qfilter", "restorekv", "duo_attention")
+# methods that need a calibration made on the model (`calibration_required`) run where the bundled model ships it
 BUNDLED_CALIBRATION = {"headkv": "head_scores", "duo_attention": "head_patterns"}
 # not a compression of a prefilled context: a composition of other methods, and the decoding-time budgets
 NOT_RANKED = {"composed": "composes other methods (each is ranked alone)",
@@ -59,28 +58,24 @@ def calibrated_spec(name: str) -> str | None:
 
 def contenders(settings: Settings) -> tuple[list[Configuration], dict[str, str]]:
     """The configurations the leaderboard runs, and the methods it leaves out with why."""
-    import inspect
-
     from .. import methods
 
     registry = methods.available()
-    names = settings.methods or list(registry)
-    grid = [Configuration("full")] + [Configuration("full", quant=q) for q in settings.quantizers]
-    left_out = {}
-    for name in names:
+    specs, left_out = [], {}
+    for name in settings.methods or list(registry):
+        cls = registry[methods.registry_name(name)]
         spec = name
         if name in NOT_RANKED:
             left_out[name] = NOT_RANKED[name]
             continue
-        if name in CALIBRATED:
+        if cls.calibration and cls.calibration_required:
             spec = calibrated_spec(name) if settings.bundled else None
             if spec is None:
-                left_out[name] = f"needs calibration on the model (`kvsqueeze calibrate {name}`)"
+                left_out[name] = f"needs calibration on the model (`kvsqueeze calibrate {cls.calibration}`)"
                 continue
-        takes_ratio = "ratio" in inspect.signature(registry[methods.registry_name(name)]).parameters
-        grid += [Configuration(spec, r) for r in settings.ratios] if takes_ratio else [Configuration(spec)]
-    for name in settings.combined:
-        grid += [Configuration(name, r, q) for r in settings.ratios for q in settings.quantizers]
+        specs.append(spec)
+    grid = (configurations(["full"], [], [None, *settings.quantizers]) + configurations(specs, settings.ratios, [None])
+            + configurations(settings.combined, settings.ratios, settings.quantizers))
     for configuration in grid:  # fail now on a bad method, not hours into the run
         configuration.build()
     return grid, left_out
@@ -213,6 +208,8 @@ def figures(rows: list[Entry], folder: Path, stem: str, top: int = 12) -> tuple[
 def write_page(folder: str | Path, page: str | Path, readme: str | Path | None = None, top: int = 15) -> Path:
     """docs' leaderboard page (and its figures beside it) from a run's folder; with `readme`, the top `top` rows go
     between its `<!-- leaderboard -->` markers."""
+    from .. import methods
+
     folder, page = Path(folder), Path(page)
     record = json.loads((folder / "run.json").read_text())
     settings = record["settings"]
@@ -228,8 +225,6 @@ def write_page(folder: str | Path, page: str | Path, readme: str | Path | None =
              f"{str(record['commit'])[:10]}; {record['configurations']} configurations; RULER at "
              f"{settings['ruler_length']:,} tokens ({tasks}, {settings['ruler_samples']} sample each), needle at "
              f"{needle_lengths} tokens × {settings['needle_depths']} depths; {minutes:.0f} minutes in all.")
-    from .. import methods
-
     why_not = dict(record["left_out"])
     ranked = {entry.method.partition(":")[0] for entry in rows}
     why_not |= {name: "not in this run (left out with `--methods`)" for name in methods.available()
