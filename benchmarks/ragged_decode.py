@@ -11,23 +11,12 @@ times so that both see the same machine load, and reports the median time per to
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 import kvsqueeze
+from kvsqueeze.bench import seconds_per_token
 from kvsqueeze.evaluation.needle import needle_sample
-
-
-def time_per_token(model, ctx, steps: int) -> float:
-    cache = ctx.cache.fork()
-    token = ctx.context_ids[:, -1:]
-    with torch.no_grad():
-        model(token, past_key_values=cache)  # warm-up step, not timed
-        start = time.perf_counter()
-        for _ in range(steps):
-            model(token, past_key_values=cache)
-    return (time.perf_counter() - start) / steps
 
 
 def main():
@@ -48,7 +37,7 @@ def main():
     times = {name: [] for name in contexts}
     for _ in range(args.rounds):
         for name, ctx in contexts.items():
-            times[name].append(time_per_token(model, ctx, args.tokens))
+            times[name].append(seconds_per_token(model, ctx, args.tokens))
     medians = {name: statistics.median(t) for name, t in times.items()}
     result = {"context_tokens": contexts["dense (SnapKV)"].logical_length, "ratio": args.ratio,
               "threads": torch.get_num_threads(),

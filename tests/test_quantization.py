@@ -34,6 +34,22 @@ def test_bit_packing_round_trips_in_the_promised_bytes(bits, n, seed):
     assert torch.equal(unpack_bits(packed, bits, n).long(), codes)
 
 
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([1, 2, 4, 8]), dim=st.sampled_from([16, 24, 48, 64]), channel_group=st.sampled_from([8, 16, 32]),
+       fill=st.integers(0, 8), rows=st.integers(1, 4), seed=st.integers(0, 999))
+def test_kivi_attends_from_its_codes_as_over_its_decoded_pages(bits, dim, channel_group, fill, rows, seed):
+    """Logits and weighted values computed from the codes (scales folded into queries and weights) equal the
+    products over the decoded pages, whatever the bits, channel groups (dividing the dimension or not) and fill."""
+    generator = torch.Generator().manual_seed(seed)
+    kivi = KIVI(bits=bits, group=8, channel_group=channel_group)
+    pages = torch.randn(5, 8, dim, generator=generator) * torch.rand(1, 1, dim, generator=generator) * 4
+    page_fill = torch.tensor([8, 8, 8, 8, fill])
+    keys, values = kivi.encode(pages, page_fill, "keys"), kivi.encode(pages, page_fill, "values")
+    queries, weights = torch.randn(5, rows, dim, generator=generator), torch.rand(5, rows, 8, generator=generator)
+    torch.testing.assert_close(keys.logits(queries), queries @ keys.dequantize().transpose(1, 2), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(values.mix(weights), weights @ values.dequantize(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("role", ["keys", "values"])
 def test_kivi_rounds_each_entry_to_its_groups_nearest_level(role):
     x = torch.randn(6, 32, 64, generator=torch.Generator().manual_seed(0))

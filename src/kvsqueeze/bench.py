@@ -45,6 +45,21 @@ def context_ids(tokenizer, n_tokens: int) -> torch.Tensor:
     return ids.repeat(n_tokens // len(ids) + 1)[:n_tokens][None]
 
 
+def seconds_per_token(model, ctx, steps: int) -> float:
+    """Seconds per decoding step on a copy of `ctx`'s cache (one warm-up step first, not timed): the model reads
+    the cache as `generate` would, one token at a time."""
+    from .hooks import attached
+    from .models import cache_argument
+
+    cache, token = ctx.cache.fork(), ctx.context_ids[:, -1:]
+    with torch.no_grad(), attached(model):
+        model(token, **{cache_argument(model): cache})
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(token, **{cache_argument(model): cache})
+    return (time.perf_counter() - start) / steps
+
+
 def measure_one(length: int, config: str, method_name: str | None, ratio: float, chunk: int, decode_tokens: int,
                 model_name: str | None = None, quant: str | None = None) -> dict:
     """One configuration at one length, in this process: what it costs above the loaded model."""

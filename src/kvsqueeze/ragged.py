@@ -239,6 +239,18 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
             return self.pages_k, self.pages_v
         return self.pages_k.dequantize(), self.pages_v.dequantize()
 
+    def page_logits(self, queries: torch.Tensor) -> torch.Tensor:
+        """Each page's queries [pages, rows, dim] times its keys: [pages, rows, page_size] in float32."""
+        if self.quantizer is None:
+            return torch.bmm(queries, self.pages_k.transpose(1, 2)).float()
+        return self.pages_k.logits(queries)
+
+    def page_mix(self, weights: torch.Tensor) -> torch.Tensor:
+        """Each page's values weighted by `weights` [pages, rows, page_size] and summed: [pages, rows, dim]."""
+        if self.quantizer is None:
+            return torch.bmm(weights.to(self.pages_v.dtype), self.pages_v).float()
+        return self.pages_v.mix(weights)
+
     def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys and values [batch, heads, longest + tail, dim], padded, with the mask of real tokens.
 
@@ -409,18 +421,17 @@ def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.
     out = torch.bmm(weights.to(tail_v.dtype), tail_v).float()
 
     if layer.n_pages:
-        pages_k, pages_v = layer.page_data()
         segment = layer.page_segment
         if layer.key_channels is not None:  # ThinK: the keys kept only some channels; so do the queries
             channels = layer.key_channels[:, None, :].expand(-1, rows, -1)
             queries = queries.gather(-1, channels)
-        page_logits = torch.bmm(queries[segment], pages_k.transpose(1, 2)).float() * scaling
+        page_logits = layer.page_logits(queries[segment]) * scaling
         empty = torch.arange(layer.page_size, device=query.device)[None, :] >= layer.page_fill[:, None]
         page_logits = page_logits.masked_fill(empty[:, None, :], float("-inf"))
         page_top = page_logits.amax(-1)  # [pages, rows]
         top_all = top.scatter_reduce(0, segment[:, None].expand(-1, rows), page_top, "amax")
         page_weights = (page_logits - top_all[segment][..., None]).exp()
-        page_out = torch.bmm(page_weights.to(pages_v.dtype), pages_v).float()
+        page_out = layer.page_mix(page_weights)
         rescale = (top - top_all).exp()
         total = total * rescale + torch.zeros_like(total).index_add_(0, segment, page_weights.sum(-1))
         out = out * rescale[..., None] + torch.zeros_like(out).index_add_(0, segment, page_out)

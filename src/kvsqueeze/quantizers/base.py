@@ -60,6 +60,15 @@ class Quantizer:
         """Pages [n, page_size, dim] in float32."""
         raise NotImplementedError
 
+    def logits(self, tensors: dict[str, torch.Tensor], queries: torch.Tensor, page_size: int, dim: int) -> torch.Tensor:
+        """Each page's queries [n, rows, dim] times its keys: [n, rows, page_size] in float32. Decodes the pages;
+        a quantizer whose codes allow it computes this from the codes, which decoding every step would cost."""
+        return torch.bmm(queries.float(), self.decode(tensors, "keys", page_size, dim).transpose(1, 2))
+
+    def mix(self, tensors: dict[str, torch.Tensor], weights: torch.Tensor, page_size: int, dim: int) -> torch.Tensor:
+        """Each page's values weighted by `weights` [n, rows, page_size] and summed: [n, rows, dim] in float32."""
+        return torch.bmm(weights.float(), self.decode(tensors, "values", page_size, dim))
+
     def describe(self) -> dict:
         return {"bits": self.bits, "group": self.group, "residual": self.residual}
 
@@ -99,6 +108,14 @@ class QuantizedPages:
             return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         return self.quantizer.decode(self.tensors, self.role, self.page_size, self.dim).to(self.dtype)
 
+    def logits(self, queries: torch.Tensor) -> torch.Tensor:
+        """Queries [n, rows, dim], one row block per page, times the keys of these pages: [n, rows, page_size]."""
+        return self.quantizer.logits(self.tensors, queries, self.page_size, self.dim)
+
+    def mix(self, weights: torch.Tensor) -> torch.Tensor:
+        """Weights [n, rows, page_size] over the values of these pages, summed per page: [n, rows, dim]."""
+        return self.quantizer.mix(self.tensors, weights, self.page_size, self.dim)
+
     def __getitem__(self, index) -> "QuantizedPages":
         tensors = {name: t[index] for name, t in self.tensors.items()}
         return QuantizedPages(self.quantizer, self.role, tensors, (self.page_size, self.dim), self.dtype)
@@ -121,11 +138,17 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (codes.view(*codes.shape[:-1], -1, per_byte) << shifts).sum(-1, dtype=torch.uint8)
 
 
+def code_planes(packed: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """`pack_bits`' output split by position in the byte: plane i holds the codes i, i + 8 // bits, ... (uint8)."""
+    mask, last = 2 ** bits - 1, 8 // bits - 1  # the first plane needs no shift, the last no mask
+    if last == 0:
+        return [packed]
+    return [packed & mask] + [(packed >> (bits * i)) & mask for i in range(1, last)] + [packed >> (bits * last)]
+
+
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """The first `n` codes of each row of `pack_bits`' output, as uint8."""
-    shifts = torch.arange(8 // bits, device=packed.device, dtype=torch.uint8) * bits
-    codes = (packed[..., None] >> shifts) & (2 ** bits - 1)
-    return codes.flatten(-2)[..., :n]
+    return torch.stack(code_planes(packed, bits), -1).flatten(-2)[..., :n]
 
 
 def masked_range(x: torch.Tensor, valid: torch.Tensor, dim) -> tuple[torch.Tensor, torch.Tensor]:
