@@ -93,6 +93,22 @@ def test_rolling_streaming_llm_rerotation_equals_a_fresh_prefill_at_cache_positi
     assert torch.allclose(layer.keys, expected.keys, atol=1e-5)
 
 
+def test_a_rolled_context_answers_without_reading_its_text_again():
+    """generate() feeds only the question after a rolled cache (whose positions restart): the context's own tokens,
+    already in the cache, are not read a second time."""
+    model = tiny_model("llama")
+    ctx = kvsqueeze.compress(model, None, random_ids(40), kvsqueeze.RollingStreamingLLM(window=20, n_sink=4, interval=4))
+    assert ctx.cache.get_seq_length() == 20 < ctx.logical_length
+    fed = []
+    handle = model.model.register_forward_pre_hook(lambda m, args, kwargs: fed.append(kwargs["input_ids"].shape[1]),
+                                                   with_kwargs=True)
+    try:
+        new = ctx.generate(random_ids(5, seed=1), max_new_tokens=3, min_new_tokens=3)
+    finally:
+        handle.remove()
+    assert new.shape == (1, 3) and fed == [5, 1, 1]
+
+
 def test_decode_methods_through_ask(bundled):
     model, tokenizer = bundled
     ctx = kvsqueeze.compress(model, tokenizer, "The sky is blue. " * 60, kvsqueeze.SnapKV(ratio=0.5))

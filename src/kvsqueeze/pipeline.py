@@ -198,6 +198,10 @@ class CompressedContext:
             cache.batch_repeat_interleave(len(questions))  # one context, several questions at once
             context_ids = context_ids.expand(len(questions), -1)
             context_mask = None if context_mask is None else context_mask.expand(len(questions), -1)
+        cached = cache.get_seq_length()
+        if cached < context_ids.shape[1]:  # positions follow the cache (a rolling window): generate reads from there
+            context_ids = context_ids[:, context_ids.shape[1] - cached:]
+            context_mask = None if context_mask is None else context_mask[:, context_mask.shape[1] - cached:]
         pad = pad_id(self.model, self.tokenizer)
         question, question_mask = left_pad([torch.as_tensor(q).reshape(-1) for q in questions], pad)
         ids = torch.cat([context_ids, question], dim=1)
