@@ -50,6 +50,21 @@ def test_kivi_attends_from_its_codes_as_over_its_decoded_pages(bits, dim, channe
     torch.testing.assert_close(values.mix(weights), weights @ values.dequantize(), rtol=1e-4, atol=1e-4)
 
 
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), dim=st.sampled_from([16, 64]), rank=st.integers(0, 3),
+       outliers=st.sampled_from([0.0, 0.02, 0.2]), fill=st.integers(0, 8), seed=st.integers(0, 999))
+def test_gear_attends_from_its_codes_factors_and_outliers_as_over_its_decoded_pages(bits, dim, rank, outliers, fill,
+                                                                                   seed):
+    generator = torch.Generator().manual_seed(seed)
+    gear = GEAR(bits=bits, group=8, rank=rank, outliers=outliers)
+    pages = torch.randn(4, 8, dim, generator=generator) * torch.rand(1, 1, dim, generator=generator) * 4
+    page_fill = torch.tensor([8, 8, 8, fill])
+    keys, values = gear.encode(pages, page_fill, "keys"), gear.encode(pages, page_fill, "values")
+    queries, weights = torch.randn(4, 3, dim, generator=generator), torch.rand(4, 3, 8, generator=generator)
+    torch.testing.assert_close(keys.logits(queries), queries @ keys.dequantize().transpose(1, 2), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(values.mix(weights), weights @ values.dequantize(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("role", ["keys", "values"])
 def test_kivi_rounds_each_entry_to_its_groups_nearest_level(role):
     x = torch.randn(6, 32, 64, generator=torch.Generator().manual_seed(0))

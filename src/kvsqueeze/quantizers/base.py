@@ -176,6 +176,42 @@ def dequantize_uniform(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     return codes.float() * scale.float() + zero.float()
 
 
+def uniform_logits(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                   queries: torch.Tensor) -> torch.Tensor:
+    """Queries [n, rows, dim] times keys stored as packed codes [n, page, dim / (8 // bits)] with a scale and a
+    minimum per (page, channel) ([n, 1, dim]): [n, rows, page], without decoding the keys. Each channel's scale
+    multiplies the query and its minimum adds a constant, so every code is converted and multiplied once."""
+    per_byte = 8 // bits
+    queries = queries.float()
+    scaled = (queries * scale.float()).unflatten(-1, (-1, per_byte)).permute(3, 0, 1, 2).contiguous()  # by plane
+    out = sum(torch.bmm(part, plane.float().transpose(1, 2)) for part, plane in zip(scaled, code_planes(codes, bits)))
+    return out + (queries * zero.float()).sum(-1, keepdim=True)
+
+
+def uniform_mix(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                weights: torch.Tensor) -> torch.Tensor:
+    """Weights [n, rows, page] over values stored as packed codes [n, page, dim / (8 // bits)] with a scale and a
+    minimum per (token, group of channels) ([n, page, groups]), summed per page: [n, rows, dim], without decoding
+    the values. Each token's scale multiplies its weight, its minimum adds the weighted sum of minima."""
+    n, page, groups = scale.shape
+    rows = weights.shape[1]
+    weights = weights.float()
+    # per channel group, the weights times each token's scale: [n * groups, rows, page]
+    scaled = (weights[..., None] * scale.float()[:, None]).permute(0, 3, 1, 2).reshape(n * groups, rows, page)
+    codes = codes.view(n, page, groups, -1).transpose(1, 2).reshape(n * groups, page, -1)
+    planes = [torch.bmm(scaled, plane.float()) for plane in code_planes(codes, bits)]  # channels i, i + per_byte, ...
+    out = torch.stack(planes, -1).view(n, groups, rows, -1).transpose(1, 2)  # channel k * per_byte + plane i
+    return (out + torch.bmm(weights, zero.float())[..., None]).reshape(n, rows, -1)
+
+
+def codes_at(packed: torch.Tensor, bits: int, token: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    """The codes at (token, channel) [n, k] of packed codes [n, page, bytes per token] (as uint8)."""
+    per_byte = 8 // bits
+    byte = token * packed.shape[-1] + channel // per_byte
+    shift = ((channel % per_byte) * bits).to(torch.uint8)
+    return (packed.flatten(1).gather(1, byte) >> shift) & (2 ** bits - 1)
+
+
 def split_outliers(x: torch.Tensor, valid: torch.Tensor, fraction: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Take the `fraction` of each page's entries largest in magnitude out of `x` [n, page, dim].
 

@@ -2,7 +2,8 @@
 
 import torch
 
-from .base import Quantizer, add_outliers, dequantize_uniform, pack_bits, quantize_uniform, split_outliers, unpack_bits
+from .base import (Quantizer, add_outliers, codes_at, dequantize_uniform, pack_bits, quantize_uniform, split_outliers,
+                   uniform_logits, uniform_mix, unpack_bits)
 
 
 class GEAR(Quantizer):
@@ -16,6 +17,9 @@ class GEAR(Quantizer):
     streaming buffer, tokens are compressed a group (page) of `group` tokens at a time, and the low-rank
     factors are per group. Defaults follow the paper: 4 bits, 2% outliers, and rank 2 (its ρ = 2% of a
     64-token group, rounded up).
+
+    Attention reads the codes without decoding the pages (as KIVI does), adds the low-rank part through its
+    factors (queries times right, times left) and corrects the few outlier entries one by one.
     """
 
     name = "gear"
@@ -47,6 +51,48 @@ class GEAR(Quantizer):
         pages = dequantize_uniform(codes, tensors["scale"], tensors["zero"])
         pages = pages + tensors["left"].float() @ tensors["right"].float()
         return add_outliers(pages, tensors)
+
+    def logits(self, tensors, queries, page_size, dim):
+        if dim % (8 // self.bits):
+            return super().logits(tensors, queries, page_size, dim)
+        queries = queries.float()
+        out = uniform_logits(tensors["codes"], tensors["scale"], tensors["zero"], self.bits, queries)
+        out = out + (queries @ tensors["right"].float().transpose(1, 2)) @ tensors["left"].float().transpose(1, 2)
+        if "outlier_values" in tensors:
+            token, channel, change = self._outlier_changes(tensors, "keys", dim)
+            rows = queries.shape[1]
+            seen = queries.gather(-1, channel[:, None].expand(-1, rows, -1)) * change[:, None]
+            out = out.scatter_add(-1, token[:, None].expand(-1, rows, -1), seen)
+        return out
+
+    def mix(self, tensors, weights, page_size, dim):
+        if dim % (8 // self.bits):
+            return super().mix(tensors, weights, page_size, dim)
+        weights = weights.float()
+        out = uniform_mix(tensors["codes"], tensors["scale"], tensors["zero"], self.bits, weights)  # one group per token
+        out = out + (weights @ tensors["left"].float()) @ tensors["right"].float()
+        if "outlier_values" in tensors:
+            token, channel, change = self._outlier_changes(tensors, "values", dim)
+            rows = weights.shape[1]
+            taken = weights.gather(-1, token[:, None].expand(-1, rows, -1)) * change[:, None]
+            out = out.scatter_add(-1, channel[:, None].expand(-1, rows, -1), taken)
+        return out
+
+    def _outlier_changes(self, tensors, role, dim):
+        """Where the outliers are (token, channel: [n, k]) and what each adds to the decoded dense entry there."""
+        position = tensors["outlier_index"].long()
+        token, channel = position // dim, position % dim
+        codes = codes_at(tensors["codes"], self.bits, token, channel).float()
+        if role == "keys":  # a scale and a minimum per channel, or per token
+            scale, zero = tensors["scale"][:, 0].gather(1, channel), tensors["zero"][:, 0].gather(1, channel)
+        else:
+            scale, zero = tensors["scale"][..., 0].gather(1, token), tensors["zero"][..., 0].gather(1, token)
+        left, right = tensors["left"].float(), tensors["right"].float()
+        rank = left.shape[-1]
+        low_rank = (left.gather(1, token[..., None].expand(-1, -1, rank))
+                    * right.transpose(1, 2).gather(1, channel[..., None].expand(-1, -1, rank))).sum(-1)
+        decoded = codes * scale.float() + zero.float() + low_rank
+        return token, channel, tensors["outlier_values"].float() - decoded
 
     def describe(self):
         return super().describe() | {"rank": self.rank, "outliers": self.outliers}

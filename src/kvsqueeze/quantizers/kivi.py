@@ -1,8 +1,7 @@
 """KIVI (Liu et al. 2024, arXiv:2402.02750): keys per channel, values per token, in 2 or 4 bits."""
 
-import torch
-
-from .base import Quantizer, code_planes, dequantize_uniform, pack_bits, quantize_uniform, unpack_bits
+from .base import (Quantizer, dequantize_uniform, pack_bits, quantize_uniform, uniform_logits, uniform_mix,
+                   unpack_bits)
 
 
 class KIVI(Quantizer):
@@ -47,29 +46,14 @@ class KIVI(Quantizer):
         return grouped.view(n, page_size, dim)
 
     def logits(self, tensors, queries, page_size, dim):
-        per_byte = 8 // self.bits
-        if dim % per_byte:
+        if dim % (8 // self.bits):
             return super().logits(tensors, queries, page_size, dim)
-        queries = queries.float()
-        scaled = queries * tensors["scale"].float()  # [n, rows, dim]: each channel's scale folded into the query
-        scaled = scaled.unflatten(-1, (-1, per_byte)).permute(3, 0, 1, 2).contiguous()  # by plane, as the codes
-        planes = code_planes(tensors["codes"], self.bits)  # plane i: channels i, i + per_byte, ...
-        out = sum(torch.bmm(part, plane.float().transpose(1, 2)) for part, plane in zip(scaled, planes))
-        return out + (queries * tensors["zero"].float()).sum(-1, keepdim=True)  # each channel's minimum: a constant
+        return uniform_logits(tensors["codes"], tensors["scale"], tensors["zero"], self.bits, queries)
 
     def mix(self, tensors, weights, page_size, dim):
-        per_byte, group = 8 // self.bits, self._channel_group(dim)
-        if group % per_byte:
+        if self._channel_group(dim) % (8 // self.bits):
             return super().mix(tensors, weights, page_size, dim)
-        n, rows, groups = weights.shape[0], weights.shape[1], dim // group
-        weights = weights.float()
-        scale, zero = tensors["scale"].float()[..., 0], tensors["zero"].float()[..., 0]  # [n, page_size, groups]
-        # per channel group, the weights times each token's scale: [n * groups, rows, page_size]
-        scaled = (weights[..., None] * scale[:, None]).permute(0, 3, 1, 2).reshape(n * groups, rows, page_size)
-        codes = tensors["codes"].view(n, page_size, groups, -1).transpose(1, 2).reshape(n * groups, page_size, -1)
-        planes = [torch.bmm(scaled, plane.float()) for plane in code_planes(codes, self.bits)]
-        out = torch.stack(planes, -1).view(n, groups, rows, group).transpose(1, 2)  # channel k * per_byte + plane
-        return (out + torch.bmm(weights, zero)[..., None]).reshape(n, rows, dim)
+        return uniform_mix(tensors["codes"], tensors["scale"][..., 0], tensors["zero"][..., 0], self.bits, weights)
 
     def _channel_group(self, dim: int) -> int:
         return self.channel_group if dim % self.channel_group == 0 else dim
