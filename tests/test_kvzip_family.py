@@ -218,3 +218,77 @@ def test_kvzap_surrogate_trains_on_the_bundled_model_and_round_trips(bundled, tm
     ctx = kvsqueeze.compress(model, tokenizer, sample.context, kvsqueeze.KVzap(ratio=0.5, surrogate=str(path)))
     assert ctx.stats.compression_ratio == pytest.approx(0.5, abs=0.01)
     assert isinstance(ctx.ask(sample.question, max_new_tokens=12), str)
+
+
+def reconstruction(model, ids, repeat, attention=None, grad=False, callback=None):
+    """Each compressible layer's input hidden states in a reconstruction forward of `repeat` after `ids`, `callback`
+    seeing each layer (with `grad`, the gradients of the last layer's squared outputs wrt each pre-MLP residual
+    stream, KVgrad's)."""
+    from kvsqueeze.methods.kvgrad import captured_residuals, differentiable
+    from kvsqueeze.methods.kvzip import observe
+    cache, states = kvsqueeze.compress(model, None, ids).cache, {}
+
+    def seen(ctx):
+        states[ctx.layer_idx] = ctx.hidden_states
+        if callback is not None:
+            callback(ctx)
+
+    if not grad:
+        with torch.no_grad():
+            observe(model, cache, repeat, seen, None, start=ids.shape[1], attention=attention)
+        return states
+    with differentiable(model), captured_residuals(model) as captured:
+        observe(model, cache, repeat, seen, None, start=ids.shape[1], attention=attention)
+        return torch.autograd.grad(captured["last"].pow(2).sum(), [captured["residual"][i] for i in states])
+
+
+@pytest.mark.parametrize("span", [(4, 4, 40), (4, 10, 22), (0, 0, 40)], ids=["all", "a chunk", "no sinks"])
+def test_the_reconstruction_attention_is_the_models_and_records_the_softmax_normaliser(family, span):
+    """KVzip's reconstruction forward computes the model's attention as merged parts: the same hidden states; and
+    each query's log normaliser over the scored tokens and the new ones, as `attention_to` would compute it."""
+    from kvsqueeze.methods.kvzip import real_positions
+    from kvsqueeze.methods.reconstruction import Reconstruction, attention_to, log_normaliser
+    model, ids = tiny_model(family), random_ids(40)
+    attention, sink, start, end = Reconstruction(*span), *span
+
+    def check(ctx):
+        positions = real_positions(ctx)
+        columns = torch.cat([positions[:sink], positions[start:end]])
+        recorded = attention.normaliser(ctx, columns)
+        torch.testing.assert_close(recorded, log_normaliser(ctx, columns))
+        torch.testing.assert_close(attention_to(ctx, columns, normaliser=recorded), attention_to(ctx, columns))
+
+    fused = reconstruction(model, ids, ids[:, 4:], attention, callback=check)
+    plain = reconstruction(model, ids, ids[:, 4:])
+    assert sorted(fused) == sorted(plain) == sorted(attention.normalisers)
+    for layer in fused:
+        torch.testing.assert_close(fused[layer], plain[layer], atol=1e-5, rtol=1e-5)
+
+
+def test_the_reconstruction_attention_gives_the_models_gradients():
+    """KVgrad differentiates through the merged parts: their kernels give no gradient through a normaliser, which
+    the merge must not need."""
+    from kvsqueeze.methods.reconstruction import Reconstruction
+    model, ids = tiny_model(), random_ids(40)
+    attention = Reconstruction(4, 4, 20)
+    fused = reconstruction(model, ids, ids[:, 4:20], attention, grad=True)
+    assert len(attention.normalisers) == len(fused)
+    for got, expected in zip(fused, reconstruction(model, ids, ids[:, 4:20], grad=True)):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_a_padded_batch_scores_as_each_context_alone():
+    model = tiny_model()
+    short, long = random_ids(30, seed=1), random_ids(45, seed=2)
+    ids = torch.cat([torch.cat([torch.zeros(1, 15, dtype=torch.long), short], 1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 15, dtype=torch.long), torch.ones(1, 30, dtype=torch.long)], 1),
+                      torch.ones(1, 45, dtype=torch.long)])
+    method = kvsqueeze.KVzip(ratio=0.5, chunk_size=20)
+    cache = kvsqueeze.SqueezeCache(model.config)
+    kvsqueeze.pipeline.prefill(model, ids, cache, None, attention_mask=mask)
+    batch = method.importance(model, cache, ids, mask)
+    for row, alone in enumerate([short, long]):
+        single = method.importance(model, kvsqueeze.compress(model, None, alone).cache, alone)
+        for layer, scores in single.items():
+            got = batch[layer][row][:, -alone.shape[1]:]
+            torch.testing.assert_close(got, scores[0], atol=1e-5, rtol=1e-4)

@@ -1,7 +1,8 @@
 import torch
 
 from ..budgets import top_k_per_head
-from .kvzip import ReplayMethod, attention_to, observe, real_positions, rows
+from .kvzip import ReplayMethod, observe, real_positions, rows
+from .reconstruction import Reconstruction, attention_to
 
 
 class KVCompose(ReplayMethod):
@@ -16,9 +17,10 @@ class KVCompose(ReplayMethod):
     layers) goes to the best composite tokens over all layers (the first layer keeps the most, at
     least one token per layer), so each layer is a dense [heads, kept, dim] cache whose slot j holds a
     different token in each head, and layers differ in length. `structured=False` lets each head keep
-    its own number (ragged). Defaults are kvpress's. Extra cost: a second forward over the context on
-    a temporary fork of the cache (twice the context, freed afterwards), its attention computed 256
-    queries at a time.
+    its own number (ragged). Defaults are kvpress's. Inherent cost: a second forward over the context on a
+    temporary fork of the cache (twice the context, freed afterwards), as KVzip's reconstruction (about 2x a
+    plain prefill, more where attention dominates); the scores come from that forward's own attention
+    (`reconstruction`), a few queries at a time.
     """
 
     name = "kvcompose"
@@ -47,19 +49,23 @@ class KVCompose(ReplayMethod):
         """{layer: [batch, kv_heads, stored]}: the attention each token gets from the second pass (padding -inf)."""
         scores: dict[int, torch.Tensor] = {}
         for b, fork, real_ids, mask in rows(cache, ids, attention_mask):
+            attention = Reconstruction(end=len(real_ids))  # every real token is scored
+
             def score_layer(ctx):
                 positions = real_positions(ctx)
                 if ctx.layer_idx not in scores:
                     shape = (ids.shape[0], ctx.n_kv_heads, ctx.n_stored - ctx.n_new)
                     scores[ctx.layer_idx] = torch.full(shape, float("-inf"), device=ctx.keys.device)
-                grouped = attention_to(ctx, positions, reduce=self.agg_task).view(1, ctx.n_kv_heads, ctx.group_size, -1)
+                seen_by = attention_to(ctx, positions, reduce=self.agg_task,
+                                       normaliser=attention.normaliser(ctx, positions))
+                grouped = seen_by.view(1, ctx.n_kv_heads, ctx.group_size, -1)
                 token = grouped.amax(2) if self.agg_group == "max" else grouped.mean(2)
                 if self.add_v_norm:
                     token = token * ctx.values[:, :, positions].float().norm(dim=-1)
                 if self.add_mean_across_heads:
                     token = token + token.mean(1, keepdim=True)
                 scores[ctx.layer_idx][b][:, positions] = token[0]
-            observe(model, fork, real_ids[None], score_layer, mask, start=len(real_ids))
+            observe(model, fork, real_ids[None], score_layer, mask, start=len(real_ids), attention=attention)
         return scores
 
     def keep_masks(self, scores: torch.Tensor, seen: list[int]) -> torch.Tensor:

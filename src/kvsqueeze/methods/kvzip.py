@@ -2,9 +2,10 @@ import torch
 
 from ..budgets import Uniform, top_k_per_head
 from ..context import LayerContext
-from ..hooks import observing
+from ..hooks import applied
 from ..models import cache_argument
 from .base import Budgeted
+from .reconstruction import Reconstruction, attention_to
 
 REPEAT_FIRST = "\n\nRepeat the previous context exactly."
 REPEAT_NEXT = "\n\nRepeat the part of the previous context exactly, starting with"
@@ -18,12 +19,14 @@ def appended(attention_mask: torch.Tensor, n: int, start: "int | torch.Tensor") 
             "position_ids": start + torch.arange(n, device=attention_mask.device)[None]}
 
 
-def observe(model, cache, ids: torch.Tensor, callback, attention_mask=None, start: int = 0) -> None:
+def observe(model, cache, ids: torch.Tensor, callback, attention_mask=None, start: int = 0,
+            attention: "Reconstruction | None" = None) -> None:
     """Run `ids` [1, q] after what `cache` holds, on a fork of it (the cache is left as it was), calling
     `callback(ctx)` after each compressible attention layer. `start`: the position of the first new token;
-    `attention_mask` marks the cache's left padding (then extended over the new tokens)."""
+    `attention_mask` marks the cache's left padding (then extended over the new tokens); `attention`: the
+    forward's attention on dense layers (a `Reconstruction`, which records what `attention_to` needs)."""
     extra = {} if attention_mask is None else appended(attention_mask.to(model.device), ids.shape[1], start)
-    with observing(model, callback):
+    with applied(model, attention, callback):
         model.base_model(input_ids=ids.to(model.device), **{cache_argument(model): cache.fork()}, use_cache=True, **extra)
 
 
@@ -73,32 +76,6 @@ def real_positions(ctx: LayerContext) -> torch.Tensor:
     if ctx.real is None:
         return torch.arange(n_context, device=ctx.keys.device)
     return ctx.real[0, 0, :n_context].nonzero()[:, 0]  # every head holds the same tokens before compression
-
-
-def attention_to(ctx: LayerContext, columns: torch.Tensor, query_weights: torch.Tensor | None = None,
-                 reduce: str = "max", block: int = 512) -> torch.Tensor:
-    """[batch, heads, len(columns)]: the most (`reduce="max"`) or the mean attention the new queries of this forward
-    pay to each stored token `columns`, the softmax being over those tokens and the new ones (causal).
-    `query_weights` [batch, new] scale each query's probabilities first. Queries go `block` at a time: no
-    new x stored matrix is held."""
-    batch, heads, n_new, dim = ctx.queries.shape
-    n_columns = len(columns)
-    queries = (ctx.queries * ctx.scaling).view(batch, ctx.n_kv_heads, ctx.group_size, n_new, dim)
-    keys = torch.cat([ctx.keys[:, :, columns], ctx.keys[:, :, -n_new:]], 2)  # each KV head's, shared by its group
-    best = torch.zeros(batch, heads, n_columns, device=keys.device)
-    for start in range(0, n_new, block):
-        end = min(start + block, n_new)  # the new tokens after `end` are in every query's future: left out
-        part = queries[:, :, :, start:end].reshape(batch, ctx.n_kv_heads, -1, dim)  # the group's queries together
-        logits = (part @ keys[:, :, :n_columns + end].transpose(-1, -2)).float()
-        logits = logits.view(batch, heads, end - start, n_columns + end)
-        future = (torch.arange(end, device=keys.device)[None, :]
-                  > torch.arange(start, end, device=keys.device)[:, None])
-        logits[..., n_columns:] = logits[..., n_columns:].masked_fill(future, float("-inf"))
-        probs = logits.softmax(-1)[..., :n_columns]  # [batch, heads, block, columns]
-        if query_weights is not None:
-            probs = probs * query_weights[:, None, start:end, None]
-        best = torch.maximum(best, probs.amax(2)) if reduce == "max" else best + probs.sum(2)
-    return best if reduce == "max" else best / n_new
 
 
 def output_norms(ctx: LayerContext, positions: torch.Tensor) -> torch.Tensor:
@@ -173,8 +150,14 @@ class KVzip(ReplayMethod):
     layers and heads, so heads and layers keep different numbers of tokens (stored ragged); "layer"
     shares each layer's budget among its heads; "head" keeps the same number in every head.
     `plus=True` is KVzip+ (arXiv:2601.07891): attention divided by the query's hidden-state norm and
-    multiplied by ||W_o v||. Extra cost: one more forward over the context (plus prompts), on a
-    temporary fork of the cache holding one chunk more.
+    multiplied by ||W_o v||.
+
+    Inherent cost: one more forward of the context (plus prompts) on a temporary fork of the full cache: the
+    linear layers of a prefill again, and attention over the whole cache instead of a causal half, so about 2x a
+    plain prefill where the linear layers dominate (large models), more where attention does (2.6-3.1x measured
+    on the bundled 135M model at 2,048 tokens). The scores come from that forward's own attention
+    (`reconstruction.Reconstruction` gives each query's softmax normaliser; `attention_to` one matrix product),
+    so the method costs about that forward: within 1.1x of it, measured.
     """
 
     name = "kvzip"
@@ -207,19 +190,22 @@ class KVzip(ReplayMethod):
         for b, fork, real_ids, mask in rows(cache, ids, attention_mask):
             sink = sink_length(prompt, real_ids, self.n_sink)
             for start, end, repeat in repeat_inputs(prompt, real_ids, sink, self.chunk_size, overlap=8):
-                def on_layer(ctx, b=b, start=start, end=end, sink=sink):
+                attention = Reconstruction(sink, start, end)
+
+                def on_layer(ctx, b=b, start=start, end=end, sink=sink, attention=attention):
                     weights = 1 / ctx.hidden_states.float().norm(dim=-1).clamp(min=1e-6) if self.plus else None
-                    self.score_chunk(scores, ctx, b, ids.shape[0], sink, start, end, weights, self.plus)
-                observe(model, fork, repeat, on_layer, mask, start=len(real_ids))
+                    self.score_chunk(scores, ctx, b, ids.shape[0], sink, start, end, weights, self.plus, attention)
+                observe(model, fork, repeat, on_layer, mask, start=len(real_ids), attention=attention)
         return scores
 
     @staticmethod
     def score_chunk(scores: dict[int, torch.Tensor], ctx: LayerContext, b: int, batch: int, sink: int, start: int,
-                    end: int, query_weights: torch.Tensor | None = None, value_norms: bool = False) -> None:
+                    end: int, query_weights: torch.Tensor | None = None, value_norms: bool = False,
+                    attention: Reconstruction | None = None) -> None:
         """Fill row `b` of this layer's scores (a [batch, kv_heads, stored] table, made on first use, padding -inf)
         for the chunk [start, end) from its reconstruction forward: the most attention any query of the KV head's
         group pays each pair (each query's probabilities scaled by `query_weights`), times ||W_o v|| with
-        `value_norms`; the sinks +inf."""
+        `value_norms`; the sinks +inf. `attention`: the forward's, with the softmax normalisers it recorded."""
         positions = real_positions(ctx)
         if ctx.layer_idx not in scores:
             shape = (batch, ctx.n_kv_heads, ctx.n_stored - ctx.n_new)
@@ -227,7 +213,8 @@ class KVzip(ReplayMethod):
         row = scores[ctx.layer_idx][b]
         row[:, positions[:sink]] = float("inf")
         columns = torch.cat([positions[:sink], positions[start:end]])
-        seen_by = attention_to(ctx, columns, query_weights)[..., sink:]
+        normaliser = None if attention is None else attention.normaliser(ctx, columns)
+        seen_by = attention_to(ctx, columns, query_weights, normaliser=normaliser)[..., sink:]
         if value_norms:
             seen_by = seen_by * output_norms(ctx, positions[start:end])
         row[:, positions[start:end]] = seen_by.view(1, ctx.n_kv_heads, ctx.group_size, -1).amax(2)[0]

@@ -137,7 +137,8 @@ class RestoreKV(KVzip):
     is active for that one pass only. The embeddings and the adapter are trained offline on the frozen
     model by `train_restore` (`kvsqueeze calibrate restorekv`), by self-distillation from the full
     cache; `adapter` is that file (or a `RestoreAdapter`). The adapter's KVzip+ setting (`plus`) is the
-    one it was trained with. Other settings as KVzip.
+    one it was trained with. Other settings as KVzip. Inherent cost: KVzip's (one more forward of the context) and
+    one forward of the restore tokens over the full cache (a few tokens: negligible).
     """
 
     name = "restorekv"
