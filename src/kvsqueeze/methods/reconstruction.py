@@ -12,8 +12,9 @@ import torch
 from ..context import LayerContext
 from .base import Method
 
-KERNEL = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # what sdpa runs on CPU, and its log normaliser
-KERNEL_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# what sdpa runs on CPU, which also gives each query's log normaliser (a private op: without it, no fused pass)
+KERNEL = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+KERNEL_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
 class MergedAttention(torch.autograd.Function):
@@ -96,7 +97,7 @@ class Reconstruction(Method):
         query, key, value, kwargs = call.query, call.key, call.value, call.kwargs
         batch, heads, n_new, _ = query.shape
         n_old = key.shape[-2] - n_new
-        plain = (query.device.type == "cpu" and batch == 1 and n_old > 0 and kwargs.get("dropout", 0.0) == 0.0
+        plain = (query.device.type == "cpu" and KERNEL_BACKWARD is not None and batch == 1 and n_old > 0 and kwargs.get("dropout", 0.0) == 0.0
                  and all(kwargs.get(name) is None for name in ("sliding_window", "softcap", "s_aux", "sinks")))
         visible = self.visible(call.mask, n_new, n_old) if plain else None
         if visible is None:
