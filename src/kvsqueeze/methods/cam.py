@@ -43,7 +43,8 @@ class CAM(MergesEvicted):
     attention each token accumulated over the context's queries, into the tokens of the next `merge_budget`
     positions of its head: each kept one gets 1/`merge_budget` of it (32 as in KVCache-Factory and kvpress).
     As in the paper's streaming setting, a kept token thus absorbs at most about one token's worth of values,
-    whatever the ratio. The Bernoulli draws are seeded. Dense budgets only (one count per head).
+    whatever the ratio. The Bernoulli draws are seeded. Dense budgets only (one count per head). Inherent cost:
+    one more attention pass over the context (the accumulated attention, as H2O's).
     """
 
     name = "cam"

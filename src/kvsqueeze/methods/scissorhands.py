@@ -1,26 +1,44 @@
 import torch
 
 from ..budgets import top_k_per_head
-from ..context import LayerContext, last_queries_attention
+from ..context import LayerContext
 from .base import Method
+from .h2o import causal_chunks, queries_per_chunk
 
 
 def unimportance_counts(ctx: LayerContext, counted: torch.Tensor) -> torch.Tensor:
     """How many of the `counted` new queries ([batch, new] mask) found each stored token unimportant: [batch,
     kv_heads, stored]. A token is important to a query when it gets at least the average attention, 1 / (tokens
     the query sees), attention averaged over the query heads of its KV head; tokens a query cannot see do not count.
+    One more attention pass over those queries, chunk by chunk (`causal_chunks`).
     """
     window = int((counted.long().cumsum(-1) > 0).sum(-1).max())  # from the first counted query to the last
+    counts = torch.zeros(ctx.keys.shape[:3], device=ctx.keys.device)
     if window == 0:
-        return torch.zeros(ctx.keys.shape[:3], device=ctx.keys.device)
-    attention = ctx.per_kv_head(last_queries_attention(ctx, window))  # [batch, kv_heads, window, stored]
-    stored = ctx.n_stored
-    position = torch.arange(stored - window, stored, device=attention.device)
-    visible = torch.arange(stored, device=attention.device)[None, :] <= position[:, None]  # [window, stored]
-    visible = visible[None, None] if ctx.real is None else visible[None, None] & ctx.real[:, :, None, :]
-    average = 1.0 / visible.sum(-1, keepdim=True).clamp(min=1)
-    unimportant = visible & (attention < average)
-    return (unimportant * counted[:, None, -window:, None].to(attention.device)).sum(2).float()
+        return counts
+    stored, real = ctx.n_stored, ctx.real
+    if real is None:  # the tokens each query of the window sees: [batch or 1, kv_heads or 1, window]
+        seen = torch.arange(stored - window + 1, stored + 1, device=counts.device)[None, None]
+    else:
+        seen = real.long().cumsum(-1)[..., stored - window:]
+    average = 1.0 / seen.clamp(min=1)
+    counted = counted[:, -window:].to(counts.device)
+    queries = ctx.queries[:, :, -window:]
+    chunk = min(queries_per_chunk(queries.shape[1], stored, counts.device), window)
+    largest = counts.numel() * chunk  # buffers reused by every chunk (no page faults for each)
+    attention_buffer = torch.empty(largest, device=counts.device)
+    below_buffer = torch.empty(largest, dtype=torch.bool, device=counts.device)
+    for start, weights in causal_chunks(queries, ctx.keys, real, ctx.scaling, chunk):
+        size, visible = weights.shape[-2:]
+        shape, numel = (*counts.shape[:2], size, visible), counts.shape[0] * counts.shape[1] * size * visible
+        attention = torch.mean(weights, 2, out=attention_buffer[:numel].view(shape))
+        unimportant = torch.lt(attention, average[..., start:start + size, None], out=below_buffer[:numel].view(shape))
+        unimportant[..., -size:] &= torch.ones(size, size, dtype=torch.bool, device=counts.device).tril()
+        if real is not None:
+            unimportant &= real[:, :, None, :visible]
+        unimportant &= counted[:, None, start:start + size, None]
+        counts[..., :visible] += unimportant.sum(2)
+    return counts
 
 
 class Scissorhands(Method):
@@ -33,7 +51,8 @@ class Scissorhands(Method):
     head holds more than the budget, the `drop_ratio` * budget tokens with the highest counts go (ties: the
     later ones), the last `recent_window` never; counts then start again. Acts at prefill (on the last
     queries of the context) and at every decoding step. Defaults: a 400-query history, 10 recent tokens,
-    half the budget dropped at once (the paper drops m tokens at a time, m its choice).
+    half the budget dropped at once (the paper drops m tokens at a time, m its choice). Inherent cost: one more
+    attention pass over the history window's queries.
     """
 
     name = "scissorhands"
