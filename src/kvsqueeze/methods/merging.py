@@ -5,21 +5,45 @@ from ..context import LayerContext
 from .base import ScorerWrapper
 
 
-def merge_evicted(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor, mode: str,
-                  chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_kept(keys: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor, chunk: int = 1024
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the kept token of its head whose key is most cosine-similar, that similarity) for every `evicted` token of
+    `keys` [batch, heads, n, dim]: [batch, heads, n] each (0 elsewhere). Only evicted x kept similarities are
+    computed (a quarter of the n x n matrix at ratio 0.5), `chunk` evicted tokens at a time; ties go to the oldest."""
+    def positions(mask):  # the positions of `mask`'s tokens, in order, padded to the longest (batch, head)
+        count = mask.sum(-1)
+        order = (~mask).to(torch.uint8).argsort(dim=-1, stable=True)[..., :int(count.max())]
+        return order, torch.arange(order.shape[-1], device=mask.device) < count[..., None]
+
+    normalized = F.normalize(keys.float(), dim=-1)
+    target = torch.zeros(keys.shape[:-1], dtype=torch.long, device=keys.device)
+    similarity = torch.zeros(keys.shape[:-1], device=keys.device)
+    (kept, kept_real), (gone, gone_real) = positions(keep), positions(evicted)
+    if kept.shape[-1] == 0 or gone.shape[-1] == 0:
+        return target, similarity
+    gather = lambda index: normalized.gather(2, index[..., None].expand(-1, -1, -1, keys.shape[-1]))
+    kept_keys = gather(kept).transpose(-1, -2)
+    for start in range(0, gone.shape[-1], chunk):
+        index = gone[..., start:start + chunk]
+        sims = gather(index) @ kept_keys  # [batch, heads, chunk, kept]
+        if not bool(kept_real.all()):
+            sims.masked_fill_(~kept_real[:, :, None, :], float("-inf"))
+        best = sims.max(-1)
+        real = gone_real[..., start:start + chunk]  # padding positions of `gone` are not evicted: left as they are
+        target.scatter_(2, index, torch.where(real, kept.gather(2, best.indices), target.gather(2, index)))
+        similarity.scatter_(2, index, torch.where(real, best.values, similarity.gather(2, index)))
+    return target, similarity
+
+
+def merge_evicted(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor, mode: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [batch, heads, n, dim] where every kept token has absorbed the evicted tokens closest to it.
 
     Each `evicted` token goes to the kept token of its head whose key is most cosine-similar. "pivot":
     the kept token becomes the mean of itself and, for each token merged into it, the average of the two;
     "weighted": the mean of itself and the merged tokens, each weighted by (similarity + 1) / 2.
     """
-    normalized = F.normalize(keys.float(), dim=-1)
-    target = torch.zeros(keys.shape[:-1], dtype=torch.long, device=keys.device)
-    similarity = torch.zeros(keys.shape[:-1], device=keys.device)
-    for start in range(0, keys.shape[2], chunk):  # n x n similarities, a chunk of rows at a time
-        sims = normalized[:, :, start:start + chunk] @ normalized.transpose(-1, -2)
-        best = sims.masked_fill(~keep[:, :, None, :], float("-inf")).max(-1)
-        similarity[:, :, start:start + chunk], target[:, :, start:start + chunk] = best.values, best.indices
+    target, similarity = nearest_kept(keys, keep, evicted)
     weight = evicted.float() * (((similarity + 1) / 2).clamp(min=1e-6) if mode == "weighted" else 1.0)
 
     def absorb(states):
