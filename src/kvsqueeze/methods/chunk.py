@@ -1,5 +1,5 @@
 from collections.abc import Iterator
-from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -8,20 +8,53 @@ from ..context import LayerContext
 from .base import ScorerWrapper
 
 
-@dataclass
 class TokenSubset(LayerContext):
     """A layer seen as if one batch row (and one KV head) held only some of its tokens, for a scorer to score.
 
     Every token counts as new: keys, values, queries, hidden states and rotary embeddings are those of the
     subset, in order; `row_lengths` stays the row's logical length (future positions follow the whole context).
+    What the scorer does not read is never gathered (a key-only scorer costs no copy of the hidden states).
     """
 
-    subset_keys: torch.Tensor | None = None
-    subset_values: torch.Tensor | None = None
-    row_seen: torch.Tensor | None = None
+    def __init__(self, ctx: LayerContext, row: int, index: torch.Tensor, head: int | None = None):
+        self.parent, self.row, self.index = ctx, row, index
+        self.heads = slice(None) if head is None else slice(head, head + 1)
+        self.query_heads = slice(None) if head is None else slice(head * ctx.group_size, (head + 1) * ctx.group_size)
+        self.module, self.cache, self.rotary_embedding = ctx.module, ctx.cache, ctx.rotary_embedding
+        self.row_seen = ctx.row_lengths[row:row + 1]
+        self.__post_init__()
+
+    @cached_property
+    def subset(self) -> tuple[torch.Tensor, torch.Tensor, None]:
+        keys, values, _ = self.parent.view()
+        return keys[self.row:self.row + 1, self.heads][:, :, self.index], \
+            values[self.row:self.row + 1, self.heads][:, :, self.index], None
 
     def view(self):
-        return self.subset_keys, self.subset_values, None
+        return self.subset
+
+    @cached_property
+    def hidden_states(self) -> torch.Tensor:
+        return self.parent.hidden_states[self.row:self.row + 1, self.index]
+
+    @cached_property
+    def position_embeddings(self):
+        rotary = self.parent.position_embeddings
+        return None if rotary is None else tuple(t[min(self.row, t.shape[0] - 1)][self.index][None] for t in rotary)
+
+    @cached_property
+    def attention_weights(self):
+        weights = self.parent.attention_weights
+        return None if weights is None else weights[self.row:self.row + 1, self.query_heads][:, :, self.index][..., self.index]
+
+    @cached_property
+    def observed_queries(self):
+        queries = self.parent.observed_queries
+        return None if queries is None else queries[self.row:self.row + 1, self.query_heads][:, :, self.index]
+
+    @property
+    def n_new(self) -> int:
+        return len(self.index)
 
     @property
     def row_lengths(self) -> torch.Tensor:
@@ -38,21 +71,7 @@ class TokenSubset(LayerContext):
 def token_subset(ctx: LayerContext, row: int, index: torch.Tensor, head: int | None = None) -> TokenSubset:
     """Tokens `index` (stored positions) of batch row `row`, all KV heads or only `head`. The layer must hold only
     this forward's tokens (a context compressed in one forward)."""
-    heads = slice(None) if head is None else slice(head, head + 1)
-    query_heads = slice(None) if head is None else slice(head * ctx.group_size, (head + 1) * ctx.group_size)
-    keys, values, _ = ctx.view()
-    rotary = ctx.position_embeddings
-    if rotary is not None:
-        rotary = tuple(t[min(row, t.shape[0] - 1)][index][None] for t in rotary)
-    weights, queries = ctx.attention_weights, ctx.observed_queries
-    if weights is not None:
-        weights = weights[row:row + 1, query_heads][:, :, index][..., index]
-    if queries is not None:
-        queries = queries[row:row + 1, query_heads][:, :, index]
-    return TokenSubset(module=ctx.module, cache=ctx.cache, hidden_states=ctx.hidden_states[row:row + 1, index],
-                       position_embeddings=rotary, attention_weights=weights, observed_queries=queries,
-                       rotary_embedding=ctx.rotary_embedding, subset_keys=keys[row:row + 1, heads][:, :, index],
-                       subset_values=values[row:row + 1, heads][:, :, index], row_seen=ctx.row_lengths[row:row + 1])
+    return TokenSubset(ctx, row, index, head)
 
 
 def single_forward_rows(ctx: LayerContext, method: str) -> Iterator[tuple[int, int, torch.Tensor]]:
