@@ -1,5 +1,3 @@
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -9,26 +7,31 @@ from .leverage_score import by_row, z_scores
 
 
 def chunked_column_sums(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Attention received by each key from all queries of its chunk, non-causally: [batch, heads, n].
+    """Attention received by each key from all queries of its chunk, non-causally, averaged over the query heads of
+    its KV head: [batch, kv_heads, n].
 
-    Queries and keys [batch, heads, n, dim] are cut into chunks of `chunk_size` tokens; within a chunk
-    every query attends to every key (unscaled logits, as the authors do).
+    Queries [batch, heads, n, dim] and keys [batch, kv_heads, n, dim] are cut into chunks of `chunk_size` tokens
+    (the last one shorter); within a chunk every query attends to every key (unscaled logits, as the authors do).
+    One chunk at a time (it stays in cache), grouped query heads against their shared keys. Unscaled logits put
+    many weights below float32's normal range, where exp is several times slower: logits more than 87 below
+    their row's maximum are raised to it (their weight, under 1e-38 of the row's largest, is 0 next to it).
     """
-    batch, heads, n, dim = keys.shape
-    padded = math.ceil(n / chunk_size) * chunk_size
-    pad = (0, 0, 0, padded - n)
-    q, k = F.pad(queries.float(), pad).unflatten(2, (-1, chunk_size)), F.pad(keys.float(), pad).unflatten(2, (-1, chunk_size))
-    logits = q @ k.transpose(-1, -2)  # [batch, heads, chunks, chunk, chunk]
-    beyond = (torch.arange(padded, device=keys.device) >= n).view(-1, chunk_size)  # [chunks, chunk]
-    weights = logits.masked_fill(beyond[:, None, :], float("-inf")).softmax(-1).masked_fill(beyond[..., None], 0)
-    return weights.sum(-2).flatten(2)[..., :n]
+    batch, kv_heads, n, dim = keys.shape
+    group = queries.shape[1] // kv_heads
+    grouped, keys = queries.float().view(batch, kv_heads, group, n, dim), keys.float()
+    received = torch.empty(batch, kv_heads, n, device=keys.device)
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        logits = grouped[:, :, :, start:end] @ keys[:, :, None, start:end].transpose(-1, -2)  # [b, kv, group, c, c]
+        logits = logits.clamp_(min=logits.amax(-1, keepdim=True) - 87.0)
+        received[..., start:end] = logits.softmax(-1).sum(-2).mean(2)
+    return received
 
 
 def non_causal_scores(ctx: LayerContext, rows: slice, tokens: slice, chunk_size: int) -> torch.Tensor:
     """NonCausalAttention's scores (before standardisation) of the stored `tokens` of batch `rows` (a freshly
     prefilled layer: its tokens are this forward's, each with its query)."""
-    keys = ctx.keys[rows, :, tokens].repeat_interleave(ctx.group_size, 1)
-    received = ctx.per_kv_head(chunked_column_sums(ctx.queries[rows, :, tokens], keys, chunk_size))
+    received = chunked_column_sums(ctx.queries[rows, :, tokens], ctx.keys[rows, :, tokens], chunk_size)
     scores = received * ctx.values[rows, :, tokens].float().norm(dim=-1)
     return F.avg_pool1d(scores, kernel_size=3, stride=1, padding=1)
 
