@@ -7,20 +7,25 @@ from ..context import LayerContext
 from .base import ScorerMethod, as_scorer
 
 
-def projected_value_norm(ctx: LayerContext, chunk: int = 512) -> torch.Tensor:
+def projected_value_norm(ctx: LayerContext, chunk: int | None = None) -> torch.Tensor:
     """||v W_o^h||_1 for every stored token: how much each value moves the layer's output, [batch, kv_heads, n].
 
-    W_o^h is the slice of the output projection that reads query head h; heads of a group are averaged.
+    W_o^h is the slice of the output projection that reads query head h; heads of a group are averaged. This costs
+    one more output projection of the context (the method's inherent extra work), `chunk` tokens at a time (None:
+    about 2^20 projected floats, which stay in cache), each value multiplied by its group's slices (not repeated).
     """
     projection = getattr(ctx.module, "o_proj", None)
     if projection is None:
         raise NotImplementedError(f"{type(ctx.module).__name__} has no o_proj: cannot project the values")
-    n_heads = ctx.group_size * ctx.n_kv_heads
-    weight = projection.weight.view(projection.weight.shape[0], n_heads, -1).permute(1, 2, 0).float()  # [H, d, out]
-    values = ctx.values.float().repeat_interleave(ctx.group_size, dim=1)  # [b, H, n, d]
-    norms = torch.cat([torch.einsum("bhnd,hdo->bhno", values[:, :, i:i + chunk], weight).abs().sum(-1)
-                       for i in range(0, values.shape[2], chunk)], dim=2)
-    return ctx.per_kv_head(norms)
+    batch, kv_heads, n, dim = ctx.values.shape
+    group, out = ctx.group_size, projection.weight.shape[0]
+    weight = projection.weight.float().view(out, kv_heads, group, dim).permute(1, 2, 3, 0)  # [kv, group, d, out]
+    values = ctx.values.float()[:, :, None]  # [b, kv, 1, n, d]
+    chunk = chunk or max(1, 2**20 // (kv_heads * group * out))
+    norms = torch.empty(batch, kv_heads, group, n, device=values.device)
+    for i in range(0, n, chunk):
+        norms[..., i:i + chunk] = (values[:, :, :, i:i + chunk] @ weight).abs_().sum(-1)
+    return norms.mean(2)
 
 
 class CriticalKV(ScorerMethod):
@@ -29,7 +34,8 @@ class CriticalKV(ScorerMethod):
     Feng et al., "Identify Critical KV Cache in LLM Inference from an Output Perturbation Perspective",
     arXiv:2502.03805. Two stages per head: the `first_stage_ratio` of the budget goes to the highest
     base scores (SnapKV by default); the remaining budget to the highest (score + epsilon) * ||v W_o||_1,
-    which bounds how much evicting the token perturbs the attention output.
+    which bounds how much evicting the token perturbs the attention output. Inherent cost: one more output
+    projection (o_proj) of the context's values, per query head.
     """
 
     name = "criticalkv"
