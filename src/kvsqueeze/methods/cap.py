@@ -10,16 +10,23 @@ def capacity_scores(anchor: torch.Tensor, keys: torch.Tensor, values: torch.Tens
                     tau: float, epsilon: float) -> torch.Tensor:
     """CapKV's score w_i * v_i' A^-1 v_i of every token, A = I + sum_j w_j v_j v_j' over the `counted` tokens.
 
-    anchor [batch, heads, dim]; keys, values [batch, heads, n, dim]; counted [batch, heads, n] (bool).
+    anchor [batch, heads, dim]; keys, values [batch, kv_heads, n, dim], each KV head shared by a group of query
+    heads (never repeated per head); counted [batch, kv_heads, n] (bool). Returns [batch, heads, n].
     w_i = exp(tau * cos(anchor, k_i)), shifted by its maximum over the counted tokens of a head.
     """
-    alignment = torch.einsum("bhd,bhnd->bhn", F.normalize(anchor, dim=-1), F.normalize(keys, dim=-1)).clamp(-1, 1)
+    batch, heads, dim = anchor.shape
+    kv_heads = keys.shape[1]
+    anchor = F.normalize(anchor, dim=-1).view(batch, kv_heads, heads // kv_heads, dim)
+    alignment = (anchor @ F.normalize(keys, dim=-1).transpose(-1, -2)).clamp(-1, 1)  # [batch, kv_heads, group, n]
+    counted = counted[:, :, None]
     logits = (tau * alignment).masked_fill(~counted, float("-inf"))
     weights = (logits - logits.amax(-1, keepdim=True).clamp(min=-tau)).exp()  # 0 where not counted
-    scaled = values * (weights + epsilon * counted).sqrt()[..., None]
-    capacity = torch.eye(values.shape[-1], device=values.device) + scaled.transpose(-1, -2) @ scaled
-    leverage = (values * torch.linalg.solve(capacity, values.transpose(-1, -2)).transpose(-1, -2)).sum(-1)
-    return weights * leverage
+    shared = values[:, :, None]  # [batch, kv_heads, 1, n, dim]
+    scaled = shared * (weights + epsilon * counted).sqrt()[..., None]
+    capacity = torch.eye(dim, device=values.device) + scaled.transpose(-1, -2) @ scaled
+    solved = torch.linalg.solve(capacity, shared.transpose(-1, -2).expand(*capacity.shape[:3], -1, -1))
+    leverage = (shared * solved.transpose(-1, -2)).sum(-1)
+    return (weights * leverage).view(batch, heads, -1)
 
 
 class Cap(ScorerMethod):
@@ -54,8 +61,5 @@ class Cap(ScorerMethod):
         _, _, mean = context_queries(ctx, n_sink)
         anchor = torch.einsum("bhd,bed->bhe", mean, future_rotation(ctx, self.n_future_positions))
 
-        group = ctx.group_size
-        scores = capacity_scores(anchor, ctx.keys.float().repeat_interleave(group, 1),
-                                 ctx.values.float().repeat_interleave(group, 1), counted.repeat_interleave(group, 1),
-                                 self.tau, self.epsilon)
+        scores = capacity_scores(anchor, ctx.keys.float(), ctx.values.float(), counted, self.tau, self.epsilon)
         return ctx.per_kv_head(scores).masked_fill(sink, float("inf"))
