@@ -6,7 +6,8 @@ pages and their index as a share of the same tokens in float16, the full-precisi
 relative error of the decoded keys and values against the full cache. With `--evict`, each quantizer also
 stores what a method kept (e.g. `knorm:ratio=0.75`). Decoding speed is compared at the same kept tokens: each
 quantized cache against the float cache of the same eviction, `--rounds` rounds of `--decode-tokens` steps
-alternated between them (medians). Prints JSON lines.
+alternated between them (medians). Prints JSON lines. `--release-freed-memory` times them under the command
+line's allocator setting (`kvsqueeze.release_freed_memory`).
 
     python benchmarks/quantized_bytes.py --tokens 3000 --quant kivi-2,kivi-4,kvquant-4,gear-4 --evict 'none;knorm:ratio=0.75'
 """
@@ -14,6 +15,7 @@ alternated between them (medians). Prints JSON lines.
 import argparse
 import json
 import statistics
+import sys
 
 import torch
 
@@ -81,6 +83,10 @@ def main():
 
 
 if __name__ == "__main__":
-    kvsqueeze.release_freed_memory()  # freed cache memory goes back to the OS
+    # bytes are read from the tensors, not the process: the allocator keeps its default unless asked (the command
+    # line's setting, every temporary of 64 KiB or more a fresh mapping, slows decoding steps that allocate)
+    if "--release-freed-memory" in sys.argv:
+        sys.argv.remove("--release-freed-memory")
+        kvsqueeze.release_freed_memory()
     with torch.no_grad():
         main()
