@@ -15,7 +15,6 @@ line's allocator setting (`kvsqueeze.release_freed_memory`).
 import argparse
 import json
 import statistics
-import sys
 
 import torch
 
@@ -46,7 +45,11 @@ def main():
     parser.add_argument("--decode-tokens", type=int, default=32, help="steps per timing (0: no decoding)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--release-freed-memory", action="store_true",
+                        help="time under the command line's allocator setting (bytes are read from the tensors either way)")
     args = parser.parse_args()
+    if args.release_freed_memory:  # every new tensor of 64 KiB or more a fresh mapping: slower decoding steps
+        kvsqueeze.release_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = kvsqueeze.load()
@@ -83,10 +86,5 @@ def main():
 
 
 if __name__ == "__main__":
-    # bytes are read from the tensors, not the process: the allocator keeps its default unless asked (the command
-    # line's setting, every temporary of 64 KiB or more a fresh mapping, slows decoding steps that allocate)
-    if "--release-freed-memory" in sys.argv:
-        sys.argv.remove("--release-freed-memory")
-        kvsqueeze.release_freed_memory()
     with torch.no_grad():
         main()
