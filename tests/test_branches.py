@@ -67,3 +67,28 @@ def test_a_method_that_changes_the_prefill_cannot_share_it():
     model = tiny_model()
     with pytest.raises(ValueError, match="prefill of its own"):
         compress_each(model, None, random_ids(20), [None, Widening(ratio=0.5)])
+
+
+class Failing(kvsqueeze.KNorm):
+    """Raises on the third layer it compresses."""
+
+    name = ""
+
+    def compress(self, ctx):
+        if ctx.layer_idx == 2:
+            raise RuntimeError("cannot act on this layer")
+        super().compress(ctx)
+
+
+def test_a_method_that_raises_stops_alone_when_asked_and_everything_otherwise():
+    model = tiny_model()
+    ids = random_ids(64)
+    methods = [None, Failing(ratio=0.5), kvsqueeze.SnapKV(ratio=0.5)]
+    with pytest.raises(RuntimeError, match="this layer"):
+        compress_each(model, None, ids, methods)
+    full, failure, snapkv = compress_each(model, None, ids, methods, errors="return")
+    assert isinstance(failure, RuntimeError)
+    assert_same_cache(full.cache, kvsqueeze.compress(model, None, ids).cache)
+    assert_same_cache(snapkv.cache, kvsqueeze.compress(model, None, ids, kvsqueeze.SnapKV(ratio=0.5)).cache)
+    with pytest.raises(ValueError, match="errors="):
+        compress_each(model, None, ids, methods, errors="ignore")

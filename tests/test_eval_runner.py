@@ -169,3 +169,22 @@ def test_a_question_with_a_next_step_asks_it_alone_and_scores_its_answer(bundled
     for row, alone in zip(rows, answered):
         assert len(row["steps"]) == 1 and row["prediction"] == alone and row["score"] == 100.0
         assert row["answers"] == ["green"]
+
+
+def test_a_configuration_that_raises_is_recorded_and_the_others_go_on(bundled, needle, tmp_path, monkeypatch, capsys):
+    model, tokenizer = bundled
+    out = tmp_path / "needle.jsonl"
+    monkeypatch.setattr(kvsqueeze.StreamingLLM, "score", lambda self, ctx: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        evaluation.sweep(model, tokenizer, needle, GRID, out, samples=1, progress=False)
+    rows = evaluation.sweep(model, tokenizer, needle, GRID, out, samples=1, progress=False, errors="record")
+    assert [row["method"] for row in rows] == ["full", "full"]  # the needle's two lengths, the full cache only
+    logged = [json.loads(line) for line in runner.errors_path(out).read_text().splitlines()]
+    assert [(row["method"], row["ratio"]) for row in logged] == [("streaming_llm", 0.5)] * 2
+    assert runner.read_errors(out) == {("streaming_llm", 0.5, None): "ZeroDivisionError: division by zero"}
+    assert cli.main(["eval", "-b", "needle", "--length", "200,300", "-m", "full,streaming_llm", "-r", "0.5",
+                     "-n", "1", "-o", str(out), "--keep-going"]) == 1  # resumed: retried, failed again, said so
+    assert "streaming_llm ratio=0.5 failed: ZeroDivisionError" in capsys.readouterr().err
+    monkeypatch.undo()
+    rows = evaluation.sweep(model, tokenizer, needle, GRID, out, samples=1, progress=False, errors="record")
+    assert [row["method"] for row in rows] == ["streaming_llm"] * 2 and runner.read_errors(out) == {}

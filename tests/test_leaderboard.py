@@ -6,6 +6,7 @@ import pytest
 
 from kvsqueeze import methods
 from kvsqueeze.evaluation import leaderboard
+from kvsqueeze.methods.h2o import H2O
 
 
 def test_every_method_runs_at_every_ratio_or_is_listed_with_why():
@@ -36,12 +37,19 @@ def test_the_leaderboard_resumes_and_writes_a_ranked_page(bundled, tmp_path, mon
                                     ruler_tasks=["niah_single_1"], needle_lengths=[400], needle_depths=2,
                                     methods=["knorm", "streaming_llm", "h2o", "qfilter"])
     out = tmp_path / "board"
-    leaderboard.run(model, tokenizer, settings, out, progress=False)
+    count = lambda: ((out / "ruler.jsonl").read_text().count("\n"), (out / "needle.jsonl").read_text().count("\n"))
+    with monkeypatch.context() as patch:  # a configuration that raises is recorded; the others run
+        patch.setattr(H2O, "compress", lambda self, ctx: 1 / 0)
+        leaderboard.run(model, tokenizer, settings, out, progress=False)
+    assert count() == (5, 10) and leaderboard.failures(out) == {"h2o": "ruler: ZeroDivisionError: division by zero"}
+    assert "- **h2o**: `ruler: ZeroDivisionError" in leaderboard.write_page(out, tmp_path / "failed.md").read_text()
+    leaderboard.run(model, tokenizer, settings, out, progress=False)  # resumed: retries what failed
     first = json.loads((out / "run.json").read_text())
-    rows = (out / "ruler.jsonl").read_text().count("\n"), (out / "needle.jsonl").read_text().count("\n")
+    rows = count()
     assert rows == (6, 12)  # full, full+kivi-4, knorm, streaming_llm, h2o, knorm+kivi-4: 1 + 2 questions each
+    assert leaderboard.failures(out) == {}
     leaderboard.run(model, tokenizer, settings, out, progress=False)  # resumed: nothing left to do
-    assert ((out / "ruler.jsonl").read_text().count("\n"), (out / "needle.jsonl").read_text().count("\n")) == rows
+    assert count() == rows
     assert json.loads((out / "run.json").read_text())["seconds"] >= first["seconds"]
 
     readme = tmp_path / "README.md"

@@ -246,8 +246,21 @@ def eval_command(args) -> int:
     arguments = {k: v for k, v in vars(args).items() if k not in ("handler", "method", "ratio", "max_new_tokens")}
     evaluation.sweep(model, tokenizer, bench, grid, out, samples=args.samples, seed=args.seed,
                      shard=(int(index), int(count or 1)), query_aware=args.query_aware,
-                     share_prefill=not args.separate_prefills, metadata=evaluation.runner.run_metadata(arguments))
-    return report(evaluation.read_results(out), out.with_suffix(".png"))
+                     share_prefill=not args.separate_prefills, metadata=evaluation.runner.run_metadata(arguments),
+                     errors="record" if args.keep_going else "raise")
+    status = report(evaluation.read_results(out), out.with_suffix(".png"))
+    errors = {evaluation.Configuration(*key).label: error for key, error in evaluation.runner.read_errors(out).items()}
+    return failed(errors, evaluation.runner.errors_path(out)) or status
+
+
+def failed(errors: dict[str, str], where: Path) -> int:
+    """Say which configurations raised (they have no rows); 1 if any did."""
+    for label, error in sorted(errors.items()):
+        print(f"kvsqueeze: {label} failed: {error}", file=sys.stderr)
+    if errors:
+        print(f"kvsqueeze: {len(errors)} configuration(s) failed (their errors: {where}); run again to retry them",
+              file=sys.stderr)
+    return 1 if errors else 0
 
 
 def leaderboard_command(args) -> int:
@@ -268,7 +281,7 @@ def leaderboard_command(args) -> int:
         leaderboard.run(model, tokenizer, settings, args.out, shard=(int(index), int(count or 1)))
     page = leaderboard.write_page(args.out, args.page, readme=args.readme)
     print(f"wrote {page} and its figures")
-    return 0
+    return failed(leaderboard.failures(args.out), Path(args.out))
 
 
 def report(rows: list[dict], plot_path: Path) -> int:
@@ -391,6 +404,9 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--query-aware", action="store_true", help="compress with the question visible")
     evaluate.add_argument("--separate-prefills", action="store_true",
                           help="prefill each sample once per configuration instead of once for all (less memory)")
+    evaluate.add_argument("--keep-going", action="store_true",
+                          help="a configuration that raises is recorded (OUT.errors.jsonl) and the others go on; the "
+                               "command then exits 1")
     evaluate.add_argument("--attn", default="sdpa")
     evaluate.add_argument("-o", "--out", help="JSON lines file (default results/eval/BENCHMARK.jsonl)")
     evaluate.add_argument("--config", help="a YAML file with any of these settings (the command line wins)")

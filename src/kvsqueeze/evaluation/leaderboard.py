@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
-from .runner import Configuration, configurations, read_results, run_metadata, summary, sweep
+from .runner import Configuration, configurations, read_errors, read_results, run_metadata, summary, sweep
 
 # methods that need a calibration made on the model (`calibration_required`) run where the bundled model ships it
 BUNDLED_CALIBRATION = {"headkv": "head_scores", "duo_attention": "head_patterns"}
@@ -98,7 +98,7 @@ def run(model, tokenizer, settings: Settings, out: str | Path, shard: tuple[int,
     metadata = run_metadata({"settings": settings.__dict__, "shard": list(shard)})
     for name, bench in benches.items():
         sweep(model, tokenizer, bench, grid, out / f"{name}.jsonl", samples=samples[name], shard=shard,
-              metadata=metadata, progress=progress)
+              metadata=metadata, progress=progress, errors="record")  # one configuration's error stops no other
         seconds = previous.get("seconds", 0.0) + time.perf_counter() - start  # after each sweep: a stopped run counts
         record.write_text(json.dumps({"seconds": seconds, "settings": settings.__dict__, "left_out": left_out,
                                       "configurations": len(grid), "device": metadata["device"],
@@ -142,6 +142,17 @@ def entries(folder: str | Path) -> list[Entry]:
             "bytes": (ruler["bytes"] * ruler["n"] + needle["bytes"] * needle["n"]) / (ruler["n"] + needle["n"])}
     rows = [Entry(method, quant, scores) for (method, quant), scores in grouped.items()]
     return sorted(rows, key=lambda e: (-e.mean, e.bytes, e.label))
+
+
+def failures(folder: str | Path) -> dict[str, str]:
+    """{configuration's label: its error} for the configurations of a run that raised and have no result since."""
+    folder = Path(folder)
+    failed = {}
+    for name in ("ruler", "needle"):
+        for (method, ratio, quant), error in read_errors(folder / f"{name}.jsonl").items():
+            label = Configuration(method, ratio, quant).label
+            failed.setdefault(label, f"{name}: {error}")
+    return failed
 
 
 def table(rows: list[Entry], ratios: list[float]) -> str:
@@ -230,6 +241,10 @@ def write_page(folder: str | Path, page: str | Path, readme: str | Path | None =
     why_not |= {name: "not in this run (left out with `--methods`)" for name in methods.available()
                 if name not in ranked and name not in why_not}
     left_out = "\n".join(f"- **{name}**: {why}" for name, why in sorted(why_not.items()))
+    failed = failures(folder)
+    errors = "" if not failed else ("\nFailed (they raised, so they have no score; a run resumed retries them):\n\n"
+                                    + "\n".join(f"- **{label}**: `{error}`" for label, error in sorted(failed.items()))
+                                    + "\n")
     text = f"""# Leaderboard
 
 Every method on the bundled model, ranked by its mean score over RULER and the needle grid at every compression
@@ -252,7 +267,7 @@ kvsqueeze leaderboard            # writes results/leaderboard/ and this page
 Not ranked:
 
 {left_out}
-"""
+{errors}"""
     page.write_text(text)
     if readme is not None:
         write_section(readme, "leaderboard", table(rows[:top], settings["ratios"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -105,36 +105,57 @@ def run_metadata(arguments: dict) -> dict:
 
 
 def compressed(model, tokenizer, text: str, configurations: list[Configuration], check_window: bool = True,
-               share_prefill: bool = True, chunk_size: int | None = None, chat_template: bool = True) -> list:
+               share_prefill: bool = True, chunk_size: int | None = None, chat_template: bool = True,
+               errors: str = "raise") -> list:
     """`text` compressed under each configuration. With `share_prefill`, one prefill serves every method that
     does not change the prefill itself (see `kvsqueeze.branches`): the same caches, one prefill instead of many.
-    A chunked prefill (`chunk_size`) compresses as it goes, so each configuration gets its own."""
-    from ..branches import compress_each
+    A chunked prefill (`chunk_size`) compresses as it goes, so each configuration gets its own. With
+    `errors="return"`, a configuration that raises gets its exception in its place and the others go on."""
+    from ..branches import compress_each, shares_prefill
     from ..pipeline import compress
 
     methods = [c.build() for c in configurations]
     share_prefill = share_prefill and chunk_size is None
-    shared = [i for i, m in enumerate(methods) if share_prefill and (m is None or not m.has("changes_prefill"))]
+    shared = [i for i, m in enumerate(methods) if share_prefill and shares_prefill(m)]
     contexts = {}
     if len(shared) > 1:
         contexts = dict(zip(shared, compress_each(model, tokenizer, text, [methods[i] for i in shared],
                                                   quantizers=[configurations[i].quant for i in shared],
-                                                  check_window=check_window, chat_template=chat_template)))
+                                                  check_window=check_window, chat_template=chat_template,
+                                                  errors=errors)))
     for i, (method, configuration) in enumerate(zip(methods, configurations)):
         if i not in contexts:
-            contexts[i] = compress(model, tokenizer, text, method, quantizer=configuration.quant,
-                                   check_window=check_window, chunk_size=chunk_size, chat_template=chat_template)
+            try:
+                contexts[i] = compress(model, tokenizer, text, method, quantizer=configuration.quant,
+                                       check_window=check_window, chunk_size=chunk_size, chat_template=chat_template)
+            except Exception as error:
+                if errors != "return":
+                    raise
+                contexts[i] = error
     return [contexts[i] for i in range(len(configurations))]
 
 
+@dataclass
+class Answered:
+    """One question answered under one configuration: the prediction (the last step's), the earlier steps'
+    answers and the compression measured, or the exception that stopped the configuration."""
+
+    configuration: Configuration
+    question: int
+    prediction: str | None = None
+    steps: list[str] = field(default_factory=list)
+    stats: object = None
+    error: Exception | None = None
+
+
 def answer(model, tokenizer, sample: Sample, configurations: list[Configuration], query_aware: bool,
-           check_window: bool, share_prefill: bool = True):
-    """Yields (configuration, question index, prediction, the earlier steps' answers, compression stats) for
-    every question of `sample` under every configuration, as each answer comes.
+           check_window: bool, share_prefill: bool = True, errors: str = "raise"):
+    """Yields an `Answered` for every question of `sample` under every configuration, as each answer comes.
 
     Query-agnostic: the context is compressed once and every question asked on it. Query-aware: each
     question is appended to the context before compression, so the method sees it. A question's next steps
     (`Question.then`) are asked alone, each from the previous answer; the last answer is the prediction.
+    With `errors="return"`, a configuration that raises yields its exception (`Answered.error`) and the others go on.
     """
     from ..pipeline import compress
 
@@ -148,32 +169,67 @@ def answer(model, tokenizer, sample: Sample, configurations: list[Configuration]
                                    max_new_tokens=question.max_new_tokens))
         return steps[-1], steps[:-1]
 
+    def answered(configuration, i, ctx, ask) -> Answered:
+        question = sample.questions[i]
+        try:
+            if isinstance(ctx, Exception):
+                raise ctx
+            prediction, steps = with_steps(question, ask(ctx, question))
+            return Answered(configuration, i, prediction, steps, ctx.stats)
+        except Exception as error:
+            if errors != "return":
+                raise
+            return Answered(configuration, i, error=error)
+
+    def compressed_for(text):
+        return compressed(model, tokenizer, text, configurations, check_window, share_prefill,
+                          chat_template=sample.chat_template, errors=errors)
+
     if not query_aware:
-        contexts = compressed(model, tokenizer, sample.context, configurations, check_window, share_prefill,
-                              chat_template=sample.chat_template)
-        for configuration, ctx in zip(configurations, contexts):
-            for i, q in enumerate(sample.questions):
-                prediction = ctx.ask(q.text, answer_prefix=q.answer_prefix, max_new_tokens=q.max_new_tokens)
-                yield configuration, i, *with_steps(q, prediction), ctx.stats
+        asked = lambda ctx, q: ctx.ask(q.text, answer_prefix=q.answer_prefix, max_new_tokens=q.max_new_tokens)
+        for configuration, ctx in zip(configurations, compressed_for(sample.context)):
+            for i in range(len(sample.questions)):
+                yield answered(configuration, i, ctx, asked)
         return
+    appended = lambda ctx, q: ctx.answer(answer_prefix=q.answer_prefix, max_new_tokens=q.max_new_tokens)
     for i, q in enumerate(sample.questions):
-        contexts = compressed(model, tokenizer, sample.context + "\n\n" + q.text, configurations, check_window,
-                              share_prefill, chat_template=sample.chat_template)
-        for configuration, ctx in zip(configurations, contexts):
-            prediction = ctx.answer(answer_prefix=q.answer_prefix, max_new_tokens=q.max_new_tokens)
-            yield configuration, i, *with_steps(q, prediction), ctx.stats
+        for configuration, ctx in zip(configurations, compressed_for(sample.context + "\n\n" + q.text)):
+            yield answered(configuration, i, ctx, appended)
+
+
+def errors_path(out: str | Path) -> Path:
+    """Where a sweep writing its rows to `out` records the configurations that raised: `NAME.errors.jsonl`."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
+
+
+def read_errors(out: str | Path) -> dict[tuple, str]:
+    """{(method, ratio, quant): the last error recorded} for the configurations of the sweep writing to `out`
+    that raised and still have no result (a later run that succeeded clears them)."""
+    path = errors_path(out)
+    if not path.exists():
+        return {}
+    answered = {(row["method"], row["ratio"], row["quant"]) for row in read_results(out)}
+    last = {}
+    for row in map(json.loads, path.open()):
+        last[(row["method"], row["ratio"], row["quant"])] = row["error"]
+    return {key: error for key, error in last.items() if key not in answered}
 
 
 def sweep(model, tokenizer, benchmark: Benchmark, grid: list[Configuration], out: str | Path, *,
           samples: int | None = None, seed: int = 0, shard: tuple[int, int] = (0, 1), query_aware: bool = False,
           metadata: dict | None = None, check_window: bool = True, progress: bool = True,
-          share_prefill: bool = True) -> list[dict]:
+          share_prefill: bool = True, errors: str = "raise") -> list[dict]:
     """Answer every question of the benchmark's samples under every configuration; append rows to `out`.
 
     Rows already in `out` are skipped. Returns the rows written by this call. Each sample is prefilled once
     for all the configurations it still needs (`share_prefill=False`: once per configuration, e.g. to bound
-    memory when many configurations would hold their caches at once).
+    memory when many configurations would hold their caches at once). A configuration that raises stops the
+    sweep (`errors="raise"`), or, with `errors="record"`, gets a row in `errors_path(out)` (the error, the sample)
+    and the others go on; a later run retries it.
     """
+    if errors not in ("raise", "record"):
+        raise ValueError(f"errors={errors!r}: 'raise' or 'record'")
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard {index}/{count}: the index must be in [0, {count})")
@@ -191,19 +247,31 @@ def sweep(model, tokenizer, benchmark: Benchmark, grid: list[Configuration], out
     work = [(sample, [c for c in grid if missing(c, sample)]) for sample in chosen]
     work = [(sample, todo) for sample, todo in work if todo]
     method_settings = {c: {} if c.method == "full" else c.build().settings() for c in grid}
+    failed = set()  # (configuration, sample id): one error row each
     with out.open("a") as file:
         for sample, todo in tqdm(work, desc=f"{benchmark.name}", disable=not progress):
-            for configuration, i, prediction, steps, stats in answer(model, tokenizer, sample, todo, query_aware,
-                                                                     check_window, share_prefill):
-                question = sample.questions[i]
-                row = {"benchmark": benchmark.name, "task": sample.task, "sample": sample.id, "question": i,
-                       "method": configuration.method, "ratio": configuration.ratio, "quant": configuration.quant,
-                       "method_settings": method_settings[configuration], "query_aware": query_aware, "prediction": prediction, "answers": question.answers,
-                       "score": benchmark.score(prediction, question, sample.task),
-                       "context_tokens": stats.context_tokens, "compression_ratio": stats.compression_ratio,
-                       "bytes_held": stats.bytes_held, "bytes_uncompressed": stats.bytes_uncompressed,
-                       "seconds": stats.seconds, "metadata": sample.metadata, "settings": benchmark.describe(),
-                       "run": metadata} | ({"steps": steps} if steps else {})
+            for result in answer(model, tokenizer, sample, todo, query_aware, check_window, share_prefill,
+                                 "return" if errors == "record" else "raise"):
+                configuration, question = result.configuration, sample.questions[result.question]
+                where = {"benchmark": benchmark.name, "task": sample.task, "sample": sample.id,
+                         "question": result.question, "method": configuration.method, "ratio": configuration.ratio,
+                         "quant": configuration.quant}
+                if result.error is not None:
+                    if (configuration, sample.id) not in failed:
+                        failed.add((configuration, sample.id))
+                        with errors_path(out).open("a") as log:
+                            log.write(json.dumps(where | {"error": f"{type(result.error).__name__}: {result.error}",
+                                                          "run": metadata}) + "\n")
+                    continue
+                stats = result.stats
+                row = where | {
+                    "method_settings": method_settings[configuration], "query_aware": query_aware,
+                    "prediction": result.prediction, "answers": question.answers,
+                    "score": benchmark.score(result.prediction, question, sample.task),
+                    "context_tokens": stats.context_tokens, "compression_ratio": stats.compression_ratio,
+                    "bytes_held": stats.bytes_held, "bytes_uncompressed": stats.bytes_uncompressed,
+                    "seconds": stats.seconds, "metadata": sample.metadata, "settings": benchmark.describe(),
+                    "run": metadata} | ({"steps": result.steps} if result.steps else {})
                 if row_key(row) in done:
                     continue
                 file.write(json.dumps(row) + "\n")
