@@ -58,7 +58,7 @@ class Cap(ScorerMethod):
     def score(self, ctx: LayerContext) -> torch.Tensor:
         n_sink, sink = sinks(ctx, self.n_sink)
         counted = ctx.rank >= n_sink  # real tokens past the sinks
-        _, _, mean = context_queries(ctx, n_sink)
+        mean, _ = context_queries(ctx, n_sink)
         anchor = torch.einsum("bhd,bed->bhe", mean, future_rotation(ctx, self.n_future_positions))
 
         scores = capacity_scores(anchor, ctx.keys.float(), ctx.values.float(), counted, self.tau, self.epsilon)

@@ -27,14 +27,20 @@ def sinks(ctx: LayerContext, n_sink: int) -> tuple[torch.Tensor, torch.Tensor]:
     return n, (rank >= 0) & (rank < n)
 
 
-def context_queries(ctx: LayerContext, n_sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(this forward's pre-RoPE queries [batch, heads, new, d], their weights [batch, 1, new, 1]: 1 for the real
-    ones past the sinks, their mean [batch, heads, d])."""
+def context_queries(ctx: LayerContext, n_sink: torch.Tensor, covariance: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mean [batch, heads, d], with `covariance` their covariance [batch, heads, d, d], else None) of this
+    forward's pre-RoPE queries, the real ones past the sinks."""
     counted = (ctx.rank[:, 0, -ctx.n_new:] >= n_sink[:, 0]).float()  # [batch, new]
     if ctx.new_real is not None:
         counted = counted * ctx.new_real.float()
     queries, weights = ctx.rope.queries.float(), counted[:, None, :, None]
-    return queries, weights, (queries * weights).sum(2) / counted.sum(-1).clamp(min=1)[:, None, None]
+    weighted = queries * weights
+    mean = weighted.sum(2) / counted.sum(-1).clamp(min=1)[:, None, None]
+    if not covariance:
+        return mean, None
+    centred = torch.sub(queries, mean[:, :, None], out=weighted).mul_(weights)  # in weighted's memory: no new pages
+    return mean, centred.transpose(-1, -2) @ centred / weights.sum(2, keepdim=True).clamp(min=1)
 
 
 def future_rotation(ctx: LayerContext, n_future_positions: int) -> torch.Tensor:
@@ -92,23 +98,34 @@ class ExpectedAttention(ScorerMethod):
             if not self.use_covariance:
                 return mean, None
             return mean, self.loaded["covariance"][ctx.layer_idx].to(device).expand(batch, -1, -1, -1)
-        queries, weights, mean = context_queries(ctx, n_sink)
-        if not self.use_covariance:
-            return mean, None
-        centred = (queries - mean[:, :, None]) * weights
-        return mean, centred.transpose(-1, -2) @ centred / weights.sum(2, keepdim=True).clamp(min=1)
+        return context_queries(ctx, n_sink, self.use_covariance)
+
+    @staticmethod
+    def expected_logits(keys: torch.Tensor, mean: torch.Tensor, covariance: torch.Tensor | None, scaling: float
+                        ) -> torch.Tensor:
+        """s·mu·k + s²/2·k'Σk for every query head's mean [batch, heads, d] (and covariance [batch, heads, d, d]) and
+        every key [batch, kv_heads, n, d] of its KV head: [batch, heads, n]. One query head of each group at a time
+        against the shared keys (never repeated per query head; the products stay in cache)."""
+        batch, kv_heads, n, dim = keys.shape
+        group = mean.shape[1] // kv_heads
+        mean = mean.view(batch, kv_heads, group, 1, dim)
+        logits = torch.empty(batch, kv_heads, group, n, device=keys.device)
+        spread = torch.empty_like(keys)
+        for h in range(group):
+            logits[:, :, h] = (mean[:, :, h] @ keys.transpose(-1, -2))[:, :, 0] * scaling
+            if covariance is not None:  # k'Σk, the products in one buffer for the whole group
+                spread = torch.matmul(keys, covariance.view(batch, kv_heads, group, dim, dim)[:, :, h], out=spread)
+                logits[:, :, h] += 0.5 * scaling ** 2 * spread.mul_(keys).sum(-1)
+        return logits.view(batch, kv_heads * group, n)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         n_sink, sink = sinks(ctx, self.n_sink)
         mean, covariance = self.query_statistics(ctx, n_sink)
         rotation = future_rotation(ctx, self.n_future_positions)
 
-        keys = ctx.keys.float().repeat_interleave(ctx.group_size, dim=1)
-        rotated_mean = torch.einsum("bhd,bed->bhe", mean, rotation)
-        logits = torch.einsum("bhd,bhnd->bhn", rotated_mean, keys) * ctx.scaling
-        if covariance is not None:
-            covariance = rotation[:, None] @ covariance @ rotation.transpose(-1, -2)[:, None]
-            logits += 0.5 * ctx.scaling ** 2 * ((keys @ covariance) * keys).sum(-1)
+        logits = self.expected_logits(ctx.keys.float(), torch.einsum("bhd,bed->bhe", mean, rotation),
+                                      None if covariance is None else
+                                      rotation[:, None] @ covariance @ rotation.transpose(-1, -2)[:, None], ctx.scaling)
         hidden = sink if ctx.real is None else sink | ~ctx.real  # the softmax is over the other tokens
         logits = logits.masked_fill(hidden.repeat_interleave(ctx.group_size, dim=1), float("-inf"))
         scores = ctx.per_kv_head(logits.softmax(dim=-1))
