@@ -7,25 +7,30 @@ from ..context import LayerContext
 from .base import ScorerMethod, as_scorer
 
 
-def projected_value_norm(ctx: LayerContext, chunk: int | None = None) -> torch.Tensor:
+def projected_value_norm(ctx: LayerContext, chunk: int = 256) -> torch.Tensor:
     """||v W_o^h||_1 for every stored token: how much each value moves the layer's output, [batch, kv_heads, n].
 
     W_o^h is the slice of the output projection that reads query head h; heads of a group are averaged. This costs
-    one more output projection of the context (the method's inherent extra work), `chunk` tokens at a time (None:
-    about 2^20 projected floats, which stay in cache), each value multiplied by its group's slices (not repeated).
+    one more output projection of the context (the method's inherent extra work): each KV head's values against
+    its group's slices side by side (one matrix product, no values repeated), `chunk` tokens at a time into one
+    buffer (it stays in cache, and no fresh pages are mapped for it).
     """
     projection = getattr(ctx.module, "o_proj", None)
     if projection is None:
         raise NotImplementedError(f"{type(ctx.module).__name__} has no o_proj: cannot project the values")
     batch, kv_heads, n, dim = ctx.values.shape
     group, out = ctx.group_size, projection.weight.shape[0]
-    weight = projection.weight.float().view(out, kv_heads, group, dim).permute(1, 2, 3, 0)  # [kv, group, d, out]
-    values = ctx.values.float()[:, :, None]  # [b, kv, 1, n, d]
-    chunk = chunk or max(1, 2**20 // (kv_heads * group * out))
-    norms = torch.empty(batch, kv_heads, group, n, device=values.device)
-    for i in range(0, n, chunk):
-        norms[..., i:i + chunk] = (values[:, :, :, i:i + chunk] @ weight).abs_().sum(-1)
-    return norms.mean(2)
+    weight = projection.weight.detach().float().view(out, kv_heads, group, dim).permute(1, 3, 2, 0).reshape(
+        kv_heads, dim, group * out)  # [kv, d, group x out]
+    values = ctx.values.float().transpose(0, 1).reshape(kv_heads, batch * n, dim)
+    norms = torch.empty(kv_heads, batch * n, group, device=values.device)
+    buffer = torch.empty(min(chunk, batch * n), group * out, device=values.device)
+    for head in range(kv_heads):
+        for i in range(0, batch * n, chunk):
+            part = values[head, i:i + chunk]
+            projected = torch.mm(part, weight[head], out=buffer[:len(part)])
+            norms[head, i:i + chunk] = projected.abs_().view(len(part), group, out).sum(-1)
+    return norms.mean(-1).view(kv_heads, batch, n).transpose(0, 1)
 
 
 class CriticalKV(ScorerMethod):
