@@ -74,12 +74,13 @@ def causal_weights(query: torch.Tensor, keys: torch.Tensor, real: torch.Tensor |
     """Attention probabilities of `query` [batch, heads, n, dim], the last n stored tokens, over `keys` [batch,
     kv_heads, stored, dim]: [batch, heads, n, stored]. Query i sees the stored keys up to its own position;
     `real` [batch, kv_heads, stored] hides padding (None: none)."""
-    n, group = query.shape[-2], query.shape[1] // keys.shape[1]
-    logits = torch.matmul(query, keys.repeat_interleave(group, dim=1).transpose(-1, -2)).float() * scaling
-    future = torch.ones(n, n, dtype=torch.bool, device=logits.device).triu(1)
-    logits[..., -n:] = logits[..., -n:].masked_fill(future, float("-inf"))
+    (batch, heads, n, dim), kv_heads = query.shape, keys.shape[1]
+    # each KV head's query heads against its keys (never repeated per query head), the logits scaled in place
+    logits = torch.matmul(query.reshape(batch, kv_heads, -1, dim), keys.transpose(-1, -2)).float().mul_(scaling)
     if real is not None:
-        logits = logits.masked_fill(~real.repeat_interleave(group, 1)[:, :, None, :], float("-inf"))
+        logits.masked_fill_(~real[:, :, None, :], float("-inf"))
+    logits = logits.view(batch, heads, n, -1)
+    logits[..., -n:].masked_fill_(torch.ones(n, n, dtype=torch.bool, device=logits.device).triu(1), float("-inf"))
     return logits.softmax(dim=-1)
 
 
