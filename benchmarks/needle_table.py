@@ -93,5 +93,4 @@ def print_table(path, specs, ratios, chunk=None, quant=None):
 
 
 if __name__ == "__main__":
-    kvsqueeze.release_freed_memory()  # freed cache memory goes back to the OS
     main()

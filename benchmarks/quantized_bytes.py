@@ -6,8 +6,7 @@ pages and their index as a share of the same tokens in float16, the full-precisi
 relative error of the decoded keys and values against the full cache. With `--evict`, each quantizer also
 stores what a method kept (e.g. `knorm:ratio=0.75`). Decoding speed is compared at the same kept tokens: each
 quantized cache against the float cache of the same eviction, `--rounds` rounds of `--decode-tokens` steps
-alternated between them (medians). Prints JSON lines. `--release-freed-memory` times them under the command
-line's allocator setting (`kvsqueeze.release_freed_memory`).
+alternated between them (medians). Prints JSON lines.
 
     python benchmarks/quantized_bytes.py --tokens 3000 --quant kivi-2,kivi-4,kvquant-4,gear-4 --evict 'none;knorm:ratio=0.75'
 """
@@ -45,11 +44,7 @@ def main():
     parser.add_argument("--decode-tokens", type=int, default=32, help="steps per timing (0: no decoding)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--release-freed-memory", action="store_true",
-                        help="time under the command line's allocator setting (bytes are read from the tensors either way)")
     args = parser.parse_args()
-    if args.release_freed_memory:  # every new tensor of 64 KiB or more a fresh mapping: slower decoding steps
-        kvsqueeze.release_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = kvsqueeze.load()

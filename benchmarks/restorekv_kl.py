@@ -68,5 +68,4 @@ def main():
 
 
 if __name__ == "__main__":
-    kvsqueeze.release_freed_memory()  # freed cache memory goes back to the OS
     main()

@@ -90,5 +90,4 @@ def plot(rows, model_window, path):
 
 
 if __name__ == "__main__":
-    kvsqueeze.release_freed_memory()  # freed cache memory goes back to the OS
     main()

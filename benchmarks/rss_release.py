@@ -1,9 +1,10 @@
-"""Freed means returned: the process memory (RSS) a `del` gives back, for a full and a compressed context.
+"""Freed means returned: the process memory (RSS) a context holds and gives back, for a full and a compressed one.
 
 Each configuration runs in a fresh process: load the bundled model, compress a ~3,000-token needle haystack
-with the method, measure RSS, `del` the context (and collect), measure RSS again. Without the allocator
-setting (`kvsqueeze.release_freed_memory`, glibc) the process keeps much of what it freed in its heap; with
-it, RSS drops by about the cache's bytes, so a compressed context's saving is memory really returned.
+with the method (which returns what it evicted: `compress` ends with `kvsqueeze.release_freed_memory`), measure
+RSS, `del` the context (and collect), measure RSS again, with or without calling `release_freed_memory` after the
+`del`. Without it glibc keeps much of what was freed in its heap for reuse; with it, RSS drops by about the
+cache's bytes, so a compressed context's saving is memory really returned.
 
     python benchmarks/rss_release.py --tokens 3000 --methods none,knorm,adakv
 """
@@ -28,12 +29,11 @@ def rss() -> int:
 
 
 def measure(method: str, tokens: int, release: bool) -> dict:
-    if release:
-        kvsqueeze.release_freed_memory()
     model, tokenizer = kvsqueeze.load()
     context = needle_sample(tokenizer, tokens, 0.5, seed=0).context
     kvsqueeze.compress(model, tokenizer, context[:2000])  # warm up: weights, kernels, first allocations
     gc.collect()
+    start = rss()
     with torch.no_grad():
         ctx = kvsqueeze.compress(model, tokenizer, context, None if method == "none" else method)
     held = ctx.nbytes()
@@ -41,8 +41,11 @@ def measure(method: str, tokens: int, release: bool) -> dict:
     before = rss()
     del ctx
     gc.collect()
+    if release:
+        kvsqueeze.release_freed_memory()
     after = rss()
     return {"method": method, "release": release, "cache_mib": round(held / MIB, 1),
+            "rss_with_context_mib": round((before - start) / MIB, 1),
             "freed_rss_mib": round((before - after) / MIB, 1), "rss_after_mib": round(after / MIB, 1)}
 
 
@@ -63,4 +66,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()  # each measurement sets (or not) the allocator itself, in its own process
+    main()

@@ -21,6 +21,7 @@ from .cache import SqueezeCache
 from .context import LayerContext
 from .methods.base import Method
 from .layout import pack
+from .memory import release_freed_memory
 from .inputs import context_rows, pad_id
 from .pipeline import CompressedContext, measure, prefill
 from .quantizers import Quantizer, quantizer as as_quantizer
@@ -121,6 +122,7 @@ def compress_each(model, tokenizer, context, methods: list[Method | None], *,
     prefill(model, ids, shared, branches, None, False, mask)
     branches.finish(shared)
     prefill_seconds = time.perf_counter() - start - sum(branches.seconds)
+    release_freed_memory()
     return [failure or CompressedContext(model, tokenizer, cache, ids, method, prompt,
                                          measure(cache, rows, prefill_seconds + own, quantizer), mask, check_window)
             for method, cache, quantizer, own, failure in zip(methods, caches, quantizers, branches.seconds,

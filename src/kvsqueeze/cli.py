@@ -498,10 +498,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console() -> None:
-    """The `kvsqueeze` command: freed cache memory goes back to the operating system (see `release_freed_memory`)."""
-    from .memory import release_freed_memory
-
-    release_freed_memory()
+    """The `kvsqueeze` command."""
     sys.exit(main())
 
 

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from . import saved
 from .layout import left_pad, pack
+from .memory import release_freed_memory
 from .cache import SqueezeCache
 from .hooks import attached
 from .inputs import as_method, check_fits, context_rows, pad_id
@@ -126,6 +127,7 @@ def compress(model, tokenizer, context: str | torch.Tensor | list, method = None
     prefill(model, ids, cache, method, spans, progress, mask, prompt)
     stats = measure(cache, rows, time.perf_counter() - start, quantizer)
     ids, mask = cover_appended(cache, ids, mask, pad)
+    release_freed_memory()  # what the method evicted and the prefill's temporaries
     return CompressedContext(model, tokenizer, cache, ids, method, prompt, stats, mask, check_window)
 
 

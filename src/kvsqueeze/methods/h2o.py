@@ -30,8 +30,8 @@ def causal_chunks(query: torch.Tensor, keys: torch.Tensor, real: torch.Tensor | 
     grouped = (query * scaling).view(batch, kv_heads, group, n, dim)  # scaled once, not every logit
     future = torch.ones(chunk, chunk, dtype=torch.bool, device=keys.device).triu(1)
     transposed = keys.transpose(-1, -2)
-    # one buffer for the logits and one for the weights, reused by every chunk: a fresh tensor per chunk costs its
-    # page faults again where large allocations are mapped afresh (kvsqueeze.release_freed_memory)
+    # one buffer for the logits and one for the weights, reused by every chunk: a fresh tensor per chunk may cost
+    # its page faults again (glibc maps large allocations afresh until it has seen them freed)
     largest = batch * heads * chunk * stored
     logits_buffer = torch.empty(largest, dtype=query.dtype, device=keys.device)
     weights_buffer = torch.empty(largest, device=keys.device)

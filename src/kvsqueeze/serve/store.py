@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
+from ..memory import release_freed_memory
+
 log = logging.getLogger("kvsqueeze.serve")
 
 ID = re.compile(r"ctx-[0-9a-f]{32}")
@@ -314,9 +316,11 @@ class Store:
         while self._memory and total > self.memory_budget:
             _, (_, size) = self._memory.popitem(last=False)
             total -= size
+            release_freed_memory()
 
     def _remove(self, id: str) -> None:
         self._memory.pop(id, None)
+        release_freed_memory()
         self._db.execute("DELETE FROM contexts WHERE id = ?", (id,))
         self._path(id).unlink(missing_ok=True)
 
