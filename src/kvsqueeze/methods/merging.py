@@ -5,11 +5,12 @@ from ..context import LayerContext
 from .base import ScorerWrapper
 
 
-def nearest_kept(keys: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor, chunk: int = 1024
+def nearest_kept(keys: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor, chunk: int = 256
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(the kept token of its head whose key is most cosine-similar, that similarity) for every `evicted` token of
     `keys` [batch, heads, n, dim]: [batch, heads, n] each (0 elsewhere). Only evicted x kept similarities are
-    computed (a quarter of the n x n matrix at ratio 0.5), `chunk` evicted tokens at a time; ties go to the oldest."""
+    computed (a quarter of the n x n matrix at ratio 0.5), `chunk` evicted tokens at a time into one buffer (it
+    stays in cache, no fresh pages mapped for it); ties go to the oldest."""
     def positions(mask):  # the positions of `mask`'s tokens, in order, padded to the longest (batch, head)
         count = mask.sum(-1)
         order = (~mask).to(torch.uint8).argsort(dim=-1, stable=True)[..., :int(count.max())]
@@ -23,9 +24,10 @@ def nearest_kept(keys: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor, 
         return target, similarity
     gather = lambda index: normalized.gather(2, index[..., None].expand(-1, -1, -1, keys.shape[-1]))
     kept_keys = gather(kept).transpose(-1, -2)
+    buffer = torch.empty(*kept.shape[:2], min(chunk, gone.shape[-1]), kept.shape[-1], device=keys.device)
     for start in range(0, gone.shape[-1], chunk):
         index = gone[..., start:start + chunk]
-        sims = gather(index) @ kept_keys  # [batch, heads, chunk, kept]
+        sims = torch.matmul(gather(index), kept_keys, out=buffer[:, :, :index.shape[-1]])  # [batch, heads, chunk, kept]
         if not bool(kept_real.all()):
             sims.masked_fill_(~kept_real[:, :, None, :], float("-inf"))
         best = sims.max(-1)
@@ -51,7 +53,7 @@ def merge_evicted(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, 
         incoming = states if mode == "weighted" else (states + states.gather(2, target[..., None].expand_as(states))) / 2
         sums = torch.zeros_like(states).scatter_add_(2, target[..., None].expand_as(states), incoming * weight[..., None])
         counts = torch.zeros_like(weight).scatter_add_(2, target, weight)
-        return ((states + sums) / (1 + counts[..., None])).to(keys.dtype)
+        return sums.add_(states).div_(1 + counts[..., None]).to(keys.dtype)  # in place: no fresh pages
 
     return absorb(keys), absorb(values)
 
