@@ -24,8 +24,10 @@ def capacity_scores(anchor: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     shared = values[:, :, None]  # [batch, kv_heads, 1, n, dim]
     scaled = shared * (weights + epsilon * counted).sqrt()[..., None]
     capacity = torch.eye(dim, device=values.device) + scaled.transpose(-1, -2) @ scaled
-    solved = torch.linalg.solve(capacity, shared.transpose(-1, -2).expand(*capacity.shape[:3], -1, -1))
-    leverage = (shared * solved.transpose(-1, -2)).sum(-1)
+    inverse = torch.linalg.inv(capacity)  # [batch, kv_heads, group, dim, dim]: cheaper than solving for every token
+    leverage, products = torch.empty_like(weights), torch.empty_like(values)
+    for h in range(inverse.shape[2]):  # v' A^-1 v, one query head of each group at a time, in one buffer
+        leverage[:, :, h] = torch.matmul(values, inverse[:, :, h], out=products).mul_(values).sum(-1)
     return (weights * leverage).view(batch, heads, -1)
 
 
