@@ -26,6 +26,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`states` [..., dim] rotated as RoPE does, x cos + rotate_half(x) sin on the first `cos.shape[-1]` channels (the
+    others as they are), with rotate_half(x) = (-x2, x1) done in place on halves: bitwise the same, without the
+    concatenations and their copies."""
+    rotary, dim = cos.shape[-1], states.shape[-1]
+    half = rotary // 2
+    out = states * cos if rotary == dim else torch.cat([states[..., :rotary] * cos, states[..., rotary:]], dim=-1)
+    out[..., :half] -= states[..., half:rotary] * sin[..., :half]
+    out[..., half:rotary] += states[..., :half] * sin[..., half:]
+    return out
+
+
 @dataclass
 class LayerContext:
     """One compressible attention layer in one forward. Shapes: keys/values [batch, kv_heads, stored, head_dim]
@@ -215,13 +227,7 @@ class Rope:
         if self.ctx.position_embeddings is None:
             raise RuntimeError(f"{type(self.ctx.module).__name__} gets no rotary position embeddings from its caller")
         cos, sin = (t.unsqueeze(1).to(states.dtype) for t in self.ctx.position_embeddings)
-        rotary, dim = cos.shape[-1], states.shape[-1]
-        half = rotary // 2
-        out = states * cos if rotary == dim else torch.cat([states[..., :rotary] * cos, states[..., rotary:]], dim=-1)
-        # x cos - rotate_half(x) sin, rotate_half(x) = (-x2, x1), in place on halves (bitwise the same, 8x faster)
-        out[..., :half] += states[..., half:rotary] * sin[..., :half]
-        out[..., half:rotary] -= states[..., :half] * sin[..., half:]
-        return out
+        return rotate(states, cos, -sin)  # x cos - rotate_half(x) sin
 
     @cached_property
     def queries(self) -> torch.Tensor:

@@ -1,6 +1,6 @@
 import torch
 
-from ..context import LayerContext, rotate_half
+from ..context import LayerContext, rotate
 from .base import Method
 
 
@@ -20,11 +20,8 @@ def rerotated_keys(ctx: LayerContext, keep: torch.Tensor) -> torch.Tensor:
     shifts, where = shift.unique(return_inverse=True)
     cos, sin = (t[0].float() for t in ctx.rope.at(torch.cat([shifts.new_zeros(1), shifts])))
     scale = cos[0, 0]  # the model's attention scaling, cos at position 0: a rotation has none
-    cos, sin = cos[1:][where] / scale, sin[1:][where] / scale
-    width = cos.shape[-1]
-    rotated = keys[..., :width].float()
-    rotated = rotated * cos + rotate_half(rotated) * sin
-    return torch.cat([rotated.to(keys.dtype), keys[..., width:]], dim=-1)
+    cos, sin = (cos[1:] / scale)[where], (sin[1:] / scale)[where]  # per token: [batch, kv_heads, stored, rotary]
+    return rotate(keys.float(), cos, sin).to(keys.dtype)
 
 
 class RerotatingContext(LayerContext):
