@@ -36,9 +36,8 @@ def window_attention(ctx: LayerContext, windows: torch.Tensor, query_weights: to
     each row's window, [batch, stored]. `windows` [batch] holds at least one positive width."""
     widest, windows = int(windows.max()), windows.to(ctx.keys.device)
     observing = torch.arange(widest, device=ctx.keys.device)[None, :] >= widest - windows[:, None]  # [batch, widest]
-    attention = last_queries_attention(ctx, widest) * observing[:, None, :, None]
-    if query_weights is not None:
-        attention = attention * query_weights[..., None]
+    weights = observing[:, None, :].float() if query_weights is None else observing[:, None, :] * query_weights
+    attention = last_queries_attention(ctx, widest).mul_(weights[..., None])  # in place: no fresh pages
     in_window = torch.arange(ctx.n_stored, device=ctx.keys.device)[None, :] >= ctx.n_stored - windows[:, None]
     return attention.sum(dim=2) / windows.clamp(min=1)[:, None, None], in_window
 
