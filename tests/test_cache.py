@@ -1,5 +1,7 @@
 """The cache: logical vs physical length, real eviction, forks that never disturb the original."""
 
+import threading
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -96,3 +98,44 @@ def test_cache_for_a_model_with_unsupported_layers():
     config.layer_types = ["full_attention", "linear_attention", "full_attention", "full_attention"]
     with pytest.raises(ValueError, match="linear_attention"):
         SqueezeCache(config)
+
+
+def test_decoded_tokens_are_written_in_place_and_forks_keep_what_they_saw():
+    layer, keys = filled_layer()
+    token = lambda value: torch.full((1, 2, 1, 4), float(value))
+    layer.update(token(0), token(0))  # the first decoded token: copied once, with room after it
+    where = layer.keys.data_ptr()
+    first, second = layer.fork(), layer.fork()
+    for step in range(1, 6):  # written after the shared tokens, in the same memory: no copy per step
+        first.update(token(step), token(-step))
+    assert first.keys.data_ptr() == where and first.stored == 16 and first.nbytes() == first.room.nbytes
+    second.update(token(100), token(-100))  # the room after the shared tokens is taken: this fork copies
+    assert second.keys.data_ptr() != where
+    assert torch.equal(first.keys[:, :, 10:, 0], torch.arange(0, 6.0).expand(1, 2, 6))
+    assert torch.equal(second.keys[:, :, 10:, 0], torch.tensor([0.0, 100.0]).expand(1, 2, 2))
+    assert layer.stored == 11 and torch.equal(layer.keys[:, :, :10], keys) and layer.keys[..., 10, :].eq(0).all()
+    assert torch.equal(first.keys[:, :, :10], keys) and torch.equal(second.values[:, :, :10], -keys)
+    first.keep(torch.ones(1, 2, 16, dtype=torch.bool).index_fill_(-1, torch.tensor([3]), False))
+    assert first.room is None and first.nbytes() == 2 * 15 * 4 * 4 * 2  # evicted: the room went with the old keys
+
+
+def test_forks_decoding_in_threads_each_get_their_own_tokens():
+    layer, keys = filled_layer()
+    layer.update(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))  # room after the tokens every fork shares
+    results = {}
+
+    def decode(value):
+        fork = layer.fork()
+        for _ in range(50):
+            fork.update(torch.full((1, 2, 1, 4), float(value)), torch.full((1, 2, 1, 4), -float(value)))
+        results[value] = fork
+
+    threads = [threading.Thread(target=decode, args=(value,)) for value in range(1, 9)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for value, fork in results.items():
+        assert torch.equal(fork.keys[:, :, :10], keys)
+        assert torch.equal(fork.keys[:, :, 11:], torch.full((1, 2, 50, 4), float(value)))
+        assert torch.equal(fork.values[:, :, 11:], torch.full((1, 2, 50, 4), -float(value)))
