@@ -8,9 +8,10 @@ Each layer counts two lengths:
   (`get_mask_sizes()` returns the stored length plus the query, offset so that stored tokens are all
   visible and the new tokens are causal among themselves).
 
-Tensors are never modified in place: every update or eviction makes new tensors. That is what lets
-`fork()` hand out a copy that shares all memory with the original and still leaves it untouched,
-which is how a compressed context is restored exactly between questions.
+What a layer holds is never modified in place: every eviction makes new tensors, and a decoded token is
+written after the tokens (into a `Room`) where no other layer sees it. That is what lets `fork()` hand out a
+copy that shares all memory with the original and still leaves it untouched, which is how a compressed
+context is restored exactly between questions.
 """
 
 from __future__ import annotations
