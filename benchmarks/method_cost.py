@@ -78,6 +78,13 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def settle() -> None:
+    """Every timed run starts from the same heap: what earlier runs freed is given back (as `compress` does at its
+    end), so neither run reuses pages the other left and the peak above the memory before is the run's own."""
+    gc.collect()
+    kvsqueeze.release_freed_memory()
+
+
 def plain_prefill(model, ids):
     with torch.no_grad():
         model.base_model(input_ids=ids, **{cache_argument(model): DynamicCache(config=model.config)}, use_cache=True)
@@ -96,8 +103,9 @@ def measure(model, ids, question, name, quant, reps: int, full) -> dict:
     compress = lambda: kvsqueeze.compress(model, None, ids, prefill_method, quantizer=quant, check_window=False)
     plain, mine = [], []
     for _ in range(reps):
+        settle()
         plain.append(timed(lambda: plain_prefill(model, ids)))
-        gc.collect()
+        settle()
         Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
         before = rss_kib("VmRSS")
         start = time.perf_counter()
@@ -157,7 +165,8 @@ def page(path: str, page_path: str, reps: int) -> None:
 Made by `python benchmarks/method_cost.py` on the bundled SmolLM2-135M-Instruct (float32, CPU;
 {threads}). **prefill** is the best of {repetitions} prefill+compress times of `kvsqueeze.compress` (each
 method at its defaults, ratio 0.5 where it takes one) divided by the best of as many plain transformers prefills of the
-same tokens into a `DynamicCache`, alternated with them in one run: 1.00x is no cost at all. **decode** is seconds
+same tokens into a `DynamicCache`, alternated with them in one run, each run starting from a heap whose freed memory
+was given back to the system (as `compress` leaves it): 1.00x is no cost at all. **decode** is seconds
 per generated token on the compressed cache over the full cache's (the question and 16 tokens, best of 2, alternated
 with the full cache; at the longest length).
 **bytes held** is what the cache really holds, as a share of the full cache's; **peak MiB** the resident memory the
