@@ -168,9 +168,8 @@ method at its defaults, ratio 0.5 where it takes one) divided by the best of as 
 same tokens into a `DynamicCache`, alternated with them in one run, each run starting from a heap whose freed memory
 was given back to the system (as `compress` leaves it): 1.00x is no cost at all. **decode** is seconds
 per generated token on the compressed cache over the full cache's (the question and 16 tokens, best of 2, alternated
-with the full cache; at the longest length).
-**bytes held** is what the cache really holds, as a share of the full cache's; **peak MiB** the resident memory the
-prefill+compress added at its peak. Methods that need calibration run with untrained tables or modules of the right
+with the full cache). **bytes held** is what the cache really holds, as a share of the full cache's; **peak MiB** the
+resident memory the prefill+compress added at its peak (both at the shortest length). Methods that need calibration run with untrained tables or modules of the right
 shape, which cost what trained ones cost.
 
 ![prefill+compress time over a plain prefill]({figure.name})
@@ -184,16 +183,17 @@ def table(path: str, figure: str | None) -> str:
     lengths = sorted({r["length"] for r in rows})
     configs = list(dict.fromkeys(r["config"] for r in rows))
     cell = {(r["length"], r["config"]): r for r in rows}
-    head = "| configuration | " + " | ".join(f"prefill {n:,}" for n in lengths) + " | decode | bytes held | peak MiB |"
-    lines = [head, "|---|" + "---|" * (len(lengths) + 3)]
+    head = ("| configuration | " + " | ".join(f"prefill {n:,}" for n in lengths) + " | "
+            + " | ".join(f"decode {n:,}" for n in lengths) + f" | bytes held | peak MiB ({lengths[0]:,}) |")
+    lines = [head, "|---|" + "---|" * (2 * len(lengths) + 2)]
+    ratio = lambda r, key: "—" if r is None else "error" if "error" in r else f"{r[key]:.2f}x"
     for config in configs:
         found = [cell.get((n, config)) for n in lengths]
-        prefill = [("—" if r is None else "error" if "error" in r else f"{r['prefill_ratio']:.2f}x") for r in found]
-        last = next((r for r in reversed(found) if r and "error" not in r), None)
-        decode = "—" if last is None or last.get("decode_ratio") is None else f"{last['decode_ratio']:.2f}x"
-        share = "—" if last is None else f"{last['bytes_share']:.0%}"
-        peak = "—" if last is None else f"{last['peak_mib']:.0f}"
-        lines.append(f"| {config} | " + " | ".join(prefill) + f" | {decode} | {share} | {peak} |")
+        first = found[0] if found[0] and "error" not in found[0] else None
+        share = "—" if first is None else f"{first['bytes_share']:.0%}"
+        peak = "—" if first is None else f"{first['peak_mib']:.0f}"
+        lines.append(f"| {config} | " + " | ".join(ratio(r, "prefill_ratio") for r in found) + " | "
+                     + " | ".join(ratio(r, "decode_ratio") for r in found) + f" | {share} | {peak} |")
     text = "\n".join(lines)
     if figure:
         import matplotlib
