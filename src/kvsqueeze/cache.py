@@ -43,11 +43,12 @@ class Room:
     SPARE = 256  # tokens of room made at a time
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, tokens: int):
+        """A copy of `keys` and `values` with the room for `tokens` more claimed, and SPARE after them."""
         stored = keys.shape[-2]
         self.keys = keys.new_empty(*keys.shape[:-2], stored + tokens + self.SPARE, keys.shape[-1])
         self.values = values.new_empty(*values.shape[:-2], stored + tokens + self.SPARE, values.shape[-1])
         self.keys[..., :stored, :], self.values[..., :stored, :] = keys, values
-        self.filled = stored
+        self.filled = stored + tokens
         self.lock = threading.Lock()
 
     def holds(self, keys: torch.Tensor) -> bool:
@@ -106,7 +107,6 @@ class EvictingLayer(CompressibleLayer, DynamicLayer):
         stored, room = self.stored, self.room
         if room is None or not room.holds(self.keys) or not room.claim(stored, 1):
             room = self.room = Room(self.keys, self.values, 1)
-            room.claim(stored, 1)
         self.keys, self.values = room.append(stored, key_states, value_states)
         self.peak_bytes = max(self.peak_bytes, self.nbytes())
         return self.keys, self.values

@@ -171,9 +171,9 @@ def answer(model, tokenizer, sample: Sample, configurations: list[Configuration]
 
     def answered(configuration, i, ctx, ask) -> Answered:
         question = sample.questions[i]
+        if isinstance(ctx, Exception):  # its compression raised (errors="return")
+            return Answered(configuration, i, error=ctx)
         try:
-            if isinstance(ctx, Exception):
-                raise ctx
             prediction, steps = with_steps(question, ask(ctx, question))
             return Answered(configuration, i, prediction, steps, ctx.stats)
         except Exception as error:
