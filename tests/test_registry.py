@@ -82,3 +82,21 @@ def test_wrappers_pass_everything_on_through_one_mechanism():
     assert kvsqueeze.Composed(["knorm", "kvzip"]).has("after_prefill")
     assert kvsqueeze.KeyRerotation(method=kvsqueeze.MInference()).has("attention")
     assert not kvsqueeze.AdaKV().has("whole_context") and kvsqueeze.Chunk().has("whole_context")
+
+
+KINDS_OF_EXTRA_WORK = {"attention", "output_projection", "second_forward", "backward"}
+
+
+@pytest.mark.parametrize("name", sorted(kvsqueeze.available()))
+def test_extra_work_is_what_the_docstring_says_it_costs(name):
+    """`extra_work` (what benchmarks/method_cost.py allows a method beyond a plain prefill) is declared exactly where
+    the docstring states an inherent cost, in the kinds that benchmark measures."""
+    cls = kvsqueeze.available()[name]
+    assert set(cls.extra_work) <= KINDS_OF_EXTRA_WORK
+    assert bool(cls.extra_work) == ("Inherent cost" in cls.__doc__), name
+
+
+def test_a_wrapper_has_the_extra_work_of_what_it_wraps():
+    assert kvsqueeze.AdaKV(scorer=kvsqueeze.KNorm()).inherent_work() == ()
+    assert kvsqueeze.Composed([kvsqueeze.H2O(), kvsqueeze.CriticalKV(), "kvgrad"]).inherent_work() == (
+        "attention", "output_projection", "second_forward", "backward")

@@ -31,7 +31,12 @@ class Method:
     - `declares`: "whole_context" (it decides once from the whole context: no chunked prefill),
       "changes_prefill" (its prefill is not the plain model's: its own attention or extra forwards, so one
       prefill cannot serve it and other methods), "attention" (`attend` is its own attention for dense layers),
-      "after_prefill" (`after_prefill` evicts, once the whole context is in the cache).
+      "after_prefill" (`after_prefill` evicts, once the whole context is in the cache);
+    - `extra_work`: what it computes beyond a plain prefill by design (its docstring's "Inherent cost"):
+      "attention" (one more attention pass of the context's queries over its keys), "output_projection" (the
+      values through the output projection once more), "second_forward" (the context forwarded again after
+      itself, on a fork of the cache), "backward" (that forward's backward). `benchmarks/method_cost.py` measures
+      each and holds the method to 1.15x a plain prefill plus them (1.10x a plain prefill when there is none).
 
     A method holding other methods in its fields (a wrapper: Composed, AdaKV's scorer, KeyRerotation...) has their
     capabilities too (`has`), and passes `setup`, `before_forward`, `after_prefill` and `attend` on to them
@@ -41,6 +46,7 @@ class Method:
     name: ClassVar[str] = ""
     phase: ClassVar[str] = "prefill"
     declares: ClassVar[frozenset[str]] = frozenset()
+    extra_work: ClassVar[tuple[str, ...]] = ()
     # the `kvsqueeze calibrate` kind that makes what the method loads (computed offline on the user's model), if any
     calibration: ClassVar[str | None] = None
     calibration_required: ClassVar[bool] = True  # False: the method also runs without it
@@ -95,6 +101,10 @@ class Method:
                 if isinstance(item, Method):
                     found.append(item)
         return found
+
+    def inherent_work(self) -> tuple[str, ...]:
+        """The `extra_work` of the method and of those it wraps, each named once."""
+        return tuple(dict.fromkeys(self.extra_work + sum((part.inherent_work() for part in self.parts()), ())))
 
     def has(self, capability: str) -> bool:
         """Whether the method, or one it wraps, declares `capability` (see the class docstring)."""

@@ -48,6 +48,7 @@ class CAM(MergesEvicted):
     """
 
     name = "cam"
+    extra_work = ("attention",)
 
     merge_budget: int = 32
     seed: int = 0

@@ -7,7 +7,7 @@ class CriticalAdaKV(CriticalKV):
 
     Feng et al., arXiv:2502.03805 (CriticalKV) combined with arXiv:2407.11550 (AdaKV): the per-head
     budgets come from the base scores across the layer's heads, then each head selects its tokens in
-    CriticalKV's two stages.
+    CriticalKV's two stages. Inherent cost: CriticalKV's (one more output projection of the context's values).
     """
 
     name = "critical_adakv"

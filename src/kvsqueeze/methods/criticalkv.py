@@ -44,6 +44,7 @@ class CriticalKV(ScorerMethod):
     """
 
     name = "criticalkv"
+    extra_work = ("output_projection",)
 
     scorer: "str | ScorerMethod" = "snapkv"
     first_stage_ratio: float = 0.5

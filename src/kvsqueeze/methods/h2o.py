@@ -88,6 +88,7 @@ class H2O(Method):
 
     name = "h2o"
     phase = "both"
+    extra_work = ("attention",)
 
     budget: int = 512
     recent_ratio: float = 0.5

@@ -75,6 +75,7 @@ class KVgrad(KVzip):
     """
 
     name = "kvgrad"
+    extra_work = ("second_forward", "backward")
 
     chunk_size: int = 512
 

@@ -57,6 +57,7 @@ class ReplayMethod(Budgeted):
     nothing during the prefill, then `decide` evicts, unless the budget keeps everything (no extra forward)."""
 
     declares = frozenset({"whole_context", "changes_prefill", "after_prefill"})
+    extra_work = ("second_forward",)
 
     def acts_on(self, ctx):
         return False

@@ -57,6 +57,7 @@ class Scissorhands(Method):
 
     name = "scissorhands"
     phase = "both"
+    extra_work = ("attention",)
 
     budget: int = 512
     history_window: int = 400
