@@ -17,21 +17,34 @@ class TokenSubset(LayerContext):
     """
 
     def __init__(self, ctx: LayerContext, row: int, index: torch.Tensor, head: int | None = None):
-        self.parent, self.row, self.index = ctx, row, index
+        self.parent, self.row, self.index, self.head = ctx, row, index, head
         self.heads = slice(None) if head is None else slice(head, head + 1)
-        self.query_heads = slice(None) if head is None else slice(head * ctx.group_size, (head + 1) * ctx.group_size)
         self.module, self.cache, self.rotary_embedding = ctx.module, ctx.cache, ctx.rotary_embedding
         self.row_seen = ctx.row_lengths[row:row + 1]
         self.__post_init__()
 
     @cached_property
-    def subset(self) -> tuple[torch.Tensor, torch.Tensor, None]:
-        keys, values, _ = self.parent.view()
-        return keys[self.row:self.row + 1, self.heads][:, :, self.index], \
-            values[self.row:self.row + 1, self.heads][:, :, self.index], None
+    def query_heads(self) -> slice:
+        size = self.parent.group_size
+        return slice(None) if self.head is None else slice(self.head * size, (self.head + 1) * size)
+
+    def gathered(self, states: torch.Tensor) -> torch.Tensor:
+        return states[self.row:self.row + 1, self.heads].index_select(2, self.index)
+
+    @cached_property
+    def keys(self) -> torch.Tensor:
+        return self.gathered(self.parent.keys)
+
+    @cached_property
+    def values(self) -> torch.Tensor:
+        return self.gathered(self.parent.values)
+
+    @property
+    def real(self) -> None:
+        return None
 
     def view(self):
-        return self.subset
+        return self.keys, self.values, None
 
     @cached_property
     def hidden_states(self) -> torch.Tensor:
