@@ -152,6 +152,18 @@ def decode_seconds(ctx, question, method) -> float:
 
 def measure(model, ids, question, name, quant, reps: int, full) -> dict:
     method = None if name is None else method_at_defaults(name, model)
+    if method is not None and method.has("attention_weights"):  # against a plain prefill of eager attention too
+        usual = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+        try:
+            full = kvsqueeze.compress(model, None, ids, check_window=False)
+            return measured(model, ids, question, method, quant, reps, full) | {"attention": "eager"}
+        finally:
+            model.set_attn_implementation(usual)
+    return measured(model, ids, question, method, quant, reps, full)
+
+
+def measured(model, ids, question, method, quant, reps: int, full) -> dict:
     decode_method = method if method is not None and method.phase == "decode" else None
     prefill_method = None if decode_method is not None else method
     compress = lambda: kvsqueeze.compress(model, None, ids, prefill_method, quantizer=quant, check_window=False)
@@ -235,7 +247,8 @@ resident memory the prefill+compress added at its peak (both at the shortest len
 (the bound is shown beside its ratio): *attention* is the model's attention over the context in every layer,
 *output_projection* every layer's o_proj over the context, *second_forward* the context forwarded again after
 itself on a cache holding it, *backward* that forward's backward. Methods that need calibration run with untrained tables or modules of the right
-shape, which cost what trained ones cost.
+shape, which cost what trained ones cost. A method that reads the attention weights (ObservedAttention) runs, as do
+its plain prefill and full cache, under eager attention, the only one that returns them.
 
 ![prefill+compress time over a plain prefill]({figure.name})
 

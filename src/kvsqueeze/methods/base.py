@@ -31,7 +31,8 @@ class Method:
     - `declares`: "whole_context" (it decides once from the whole context: no chunked prefill),
       "changes_prefill" (its prefill is not the plain model's: its own attention or extra forwards, so one
       prefill cannot serve it and other methods), "attention" (`attend` is its own attention for dense layers),
-      "after_prefill" (`after_prefill` evicts, once the whole context is in the cache);
+      "after_prefill" (`after_prefill` evicts, once the whole context is in the cache), "attention_weights" (it
+      reads the attention weights, which only eager attention returns);
     - `extra_work`: what it computes beyond a plain prefill by design (its docstring's "Inherent cost"):
       "attention" (one more attention pass of the context's queries over its keys), "output_projection" (the
       values through the output projection once more), "second_forward" (the context forwarded again after

@@ -19,6 +19,7 @@ class ObservedAttention(ScorerMethod):
     """
 
     name = "observed_attention"
+    declares = frozenset({"attention_weights"})
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         weights = ctx.attention_weights
@@ -28,10 +29,13 @@ class ObservedAttention(ScorerMethod):
                 "model with attn_implementation='eager' (or model.set_attn_implementation('eager'))")
         weights = weights.float()  # [batch, heads, new, stored]
         stored, new = weights.shape[-1], weights.shape[-2]
-        real = torch.ones(weights.shape[0], new, device=weights.device) if ctx.new_real is None else ctx.new_real
-        weights = weights * real[:, None, :, None]  # padding queries attend to nothing real
-        # how many real queries could see each token: all of them for older tokens, causal among the new ones
-        visible = torch.arange(stored, device=weights.device)[None, :] <= (
-            stored - new + torch.arange(new, device=weights.device))[:, None]
-        seen_by = (real.float()[:, :, None] * visible).sum(1).clamp(min=1)  # [batch, stored]
-        return ctx.per_kv_head(weights.sum(dim=2) / seen_by[:, None, :])
+        if ctx.new_real is None:  # every query is real; a token is seen by all the new ones or those after it
+            received = weights.sum(dim=2)
+            seen_by = (stored - torch.arange(stored, device=weights.device)).clamp(max=new)[None]
+        else:  # padding queries attend to nothing real, and see nothing
+            real = ctx.new_real.to(weights.dtype)
+            received = torch.einsum("bhqs,bq->bhs", weights, real)
+            visible = torch.arange(stored, device=weights.device)[None, :] <= (
+                stored - new + torch.arange(new, device=weights.device))[:, None]
+            seen_by = (real[:, :, None] * visible).sum(1).clamp(min=1)  # [batch, stored]
+        return ctx.per_kv_head(received / seen_by[:, None, :])
