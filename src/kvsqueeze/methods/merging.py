@@ -5,23 +5,27 @@ from ..context import LayerContext
 from .base import ScorerWrapper
 
 
-def nearest_kept(keys: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor, chunk: int = 256
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the kept token of its head whose key is most cosine-similar, that similarity) for every `evicted` token of
-    `keys` [batch, heads, n, dim]: [batch, heads, n] each (0 elsewhere). Only evicted x kept similarities are
-    computed (a quarter of the n x n matrix at ratio 0.5), `chunk` evicted tokens at a time into one buffer (it
-    stays in cache, no fresh pages mapped for it); ties go to the oldest."""
-    def positions(mask):  # the positions of `mask`'s tokens, in order, padded to the longest (batch, head)
-        count = mask.sum(-1)
-        order = (~mask).to(torch.uint8).argsort(dim=-1, stable=True)[..., :int(count.max())]
-        return order, torch.arange(order.shape[-1], device=mask.device) < count[..., None]
+def positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of `mask`'s tokens [batch, heads, n], in order, padded to the longest (batch, head), and which
+    of them are real (not padding)."""
+    count = mask.sum(-1)
+    order = (~mask).to(torch.uint8).argsort(dim=-1, stable=True)[..., :int(count.max())]
+    return order, torch.arange(order.shape[-1], device=mask.device) < count[..., None]
 
+
+def nearest_kept(keys: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor, chunk: int = 256
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the `evicted` tokens of `keys` [batch, heads, n, dim]: their positions, which of them are real (as
+    `positions` gives them), the kept token of their head whose key is most cosine-similar, and that similarity,
+    each [batch, heads, evicted]. Only evicted x kept similarities are computed (a quarter of the n x n matrix at
+    ratio 0.5), `chunk` evicted tokens at a time into one buffer (it stays in cache, no fresh pages mapped for
+    it); ties go to the oldest."""
     normalized = F.normalize(keys.float(), dim=-1)
-    target = torch.zeros(keys.shape[:-1], dtype=torch.long, device=keys.device)
-    similarity = torch.zeros(keys.shape[:-1], device=keys.device)
     (kept, kept_real), (gone, gone_real) = positions(keep), positions(evicted)
+    target = torch.zeros_like(gone)
+    similarity = torch.zeros(gone.shape, device=keys.device)
     if kept.shape[-1] == 0 or gone.shape[-1] == 0:
-        return target, similarity
+        return gone, gone_real, target, similarity
     gather = lambda index: normalized.gather(2, index[..., None].expand(-1, -1, -1, keys.shape[-1]))
     kept_keys = gather(kept).transpose(-1, -2)
     buffer = torch.empty(*kept.shape[:2], min(chunk, gone.shape[-1]), kept.shape[-1], device=keys.device)
@@ -31,10 +35,9 @@ def nearest_kept(keys: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor, 
         if not bool(kept_real.all()):
             sims.masked_fill_(~kept_real[:, :, None, :], float("-inf"))
         best = sims.max(-1)
-        real = gone_real[..., start:start + chunk]  # padding positions of `gone` are not evicted: left as they are
-        target.scatter_(2, index, torch.where(real, kept.gather(2, best.indices), target.gather(2, index)))
-        similarity.scatter_(2, index, torch.where(real, best.values, similarity.gather(2, index)))
-    return target, similarity
+        target[..., start:start + chunk] = kept.gather(2, best.indices)
+        similarity[..., start:start + chunk] = best.values
+    return gone, gone_real, target, similarity
 
 
 def merge_evicted(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, evicted: torch.Tensor, mode: str
@@ -45,14 +48,17 @@ def merge_evicted(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, 
     the kept token becomes the mean of itself and, for each token merged into it, the average of the two;
     "weighted": the mean of itself and the merged tokens, each weighted by (similarity + 1) / 2.
     """
-    target, similarity = nearest_kept(keys, keep, evicted)
-    weight = evicted.float() * (((similarity + 1) / 2).clamp(min=1e-6) if mode == "weighted" else 1.0)
+    gone, real, target, similarity = nearest_kept(keys, keep, evicted)
+    weight = real.float() * (((similarity + 1) / 2).clamp(min=1e-6) if mode == "weighted" else 1.0)  # padding: 0
+    counts = torch.zeros(keys.shape[:-1], device=keys.device).scatter_add_(2, target, weight)
 
     def absorb(states):
         states = states.float()
-        incoming = states if mode == "weighted" else (states + states.gather(2, target[..., None].expand_as(states))) / 2
-        sums = torch.zeros_like(states).scatter_add_(2, target[..., None].expand_as(states), incoming * weight[..., None])
-        counts = torch.zeros_like(weight).scatter_add_(2, target, weight)
+        rows = lambda index: index[..., None].expand(*index.shape, states.shape[-1])
+        incoming = states.gather(2, rows(gone))
+        if mode == "pivot":
+            incoming = (incoming + states.gather(2, rows(target))) / 2
+        sums = torch.zeros_like(states).scatter_add_(2, rows(target), incoming * weight[..., None])
         return sums.add_(states).div_(1 + counts[..., None]).to(keys.dtype)  # in place: no fresh pages
 
     return absorb(keys), absorb(values)
