@@ -112,3 +112,17 @@ def test_rotary_at_gives_each_layer_its_own_rotation(family):
     assert seen
     for given, computed in seen.values():
         torch.testing.assert_close(computed, given)
+
+
+def test_the_suite_runs_on_releases_pyproject_allows_and_each_fast_moving_one_is_bounded():
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    required = {r.name: r for r in map(Requirement, pyproject["project"]["dependencies"])}
+    for name in ("torch", "transformers"):
+        assert any(spec.operator == "<" for spec in required[name].specifier), f"{name} has no upper bound"
+        assert required[name].specifier.contains(version(name), prereleases=True), (name, version(name))
