@@ -20,7 +20,6 @@ class TokenSubset(LayerContext):
         self.parent, self.row, self.index, self.head = ctx, row, index, head
         self.heads = slice(None) if head is None else slice(head, head + 1)
         self.module, self.cache, self.rotary_embedding = ctx.module, ctx.cache, ctx.rotary_embedding
-        self.row_seen = ctx.row_lengths[row:row + 1]
         self.__post_init__()
 
     @cached_property
@@ -69,9 +68,9 @@ class TokenSubset(LayerContext):
     def n_new(self) -> int:
         return len(self.index)
 
-    @property
+    @cached_property
     def row_lengths(self) -> torch.Tensor:
-        return self.row_seen
+        return self.parent.row_lengths[self.row:self.row + 1]
 
     @property
     def new_real(self):

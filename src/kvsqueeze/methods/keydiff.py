@@ -16,6 +16,9 @@ class KeyDiff(ScorerMethod):
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         keys = F.normalize(ctx.keys.float(), dim=-1)
-        real = torch.ones(keys.shape[:3], device=keys.device) if ctx.real is None else ctx.real.float()
-        anchor = (keys * real[..., None]).sum(2, keepdim=True) / real.sum(-1)[..., None, None].clamp(min=1)
+        if ctx.real is None:
+            anchor = keys.sum(2, keepdim=True) / keys.shape[2]
+        else:
+            real = ctx.real.float()
+            anchor = (keys * real[..., None]).sum(2, keepdim=True) / real.sum(-1)[..., None, None].clamp(min=1)
         return -(keys * F.normalize(anchor, dim=-1)).sum(-1)
