@@ -6,28 +6,39 @@ from .base import Quantizer, add_outliers, masked_range, pack_bits, split_outlie
 
 
 def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest of the sorted `levels` [n, L] for every value of x [n, m]."""
+    """Index of the nearest of the sorted `levels` [n, L] for every value of x [n, m] (uint8; a value halfway
+    between two levels takes the lower): how many midpoints lie below it, one comparison per midpoint (on a CPU
+    several times faster than a binary search per value)."""
     midpoints = (levels[:, 1:] + levels[:, :-1]) / 2
-    return torch.searchsorted(midpoints.contiguous(), x.contiguous())
+    index = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for j in range(midpoints.shape[1]):
+        index += x > midpoints[:, j:j + 1]
+    return index
 
 
 def fit_levels(x: torch.Tensor, valid: torch.Tensor, n_levels: int, iterations: int = 8) -> torch.Tensor:
     """Per page, `n_levels` sorted levels fitted to the values of x [n, ...] by 1-D k-means (Lloyd).
 
-    Starts from the quantiles, so the levels follow the distribution (denser where values are).
+    Starts from the quantiles, so the levels follow the distribution (denser where values are). On the sorted
+    values each level's members are a run between two midpoints, so an iteration finds the runs' ends (a search
+    per midpoint) and their sums from prefix sums, not a search and a scatter per value.
     """
     n = x.shape[0]
     flat, keep = x.reshape(n, -1), valid.expand_as(x).reshape(n, -1)
-    ordered = flat.masked_fill(~keep, float("inf")).sort(-1).values
-    count = keep.sum(-1, keepdim=True).clamp(min=1)
-    at = (torch.linspace(0, 1, n_levels, device=x.device)[None, :] * (count - 1)).round().long()
-    levels = ordered.gather(1, at).masked_fill(keep.sum(-1, keepdim=True) == 0, 0)
-    weight = keep.float()
+    ordered = flat.masked_fill(~keep, float("inf")).sort(-1).values  # the valid values first, ascending
+    count = keep.sum(-1, keepdim=True)
+    at = (torch.linspace(0, 1, n_levels, device=x.device)[None, :] * (count.clamp(min=1) - 1)).round().long()
+    levels = ordered.gather(1, at).masked_fill(count == 0, 0)
+    valid_sorted = torch.arange(ordered.shape[1], device=x.device) < count
+    prefix = torch.nn.functional.pad(ordered.where(valid_sorted, 0).double().cumsum(-1), (1, 0))
     for _ in range(iterations):
-        nearest = nearest_level(flat, levels)
-        sums = torch.zeros_like(levels).scatter_add_(1, nearest, flat * weight)
-        counts = torch.zeros_like(levels).scatter_add_(1, nearest, weight)
-        levels = torch.where(counts > 0, sums / counts.clamp(min=1), levels).sort(-1).values
+        midpoints = (levels[:, 1:] + levels[:, :-1]) / 2
+        # level k holds the values above midpoint k - 1 up to midpoint k (one on a midpoint: the lower level)
+        ends = torch.cat([torch.searchsorted(ordered, midpoints.contiguous(), right=True).clamp(max=count), count], 1)
+        starts = torch.nn.functional.pad(ends[:, :-1], (1, 0))
+        members = ends - starts
+        sums = prefix.gather(1, ends) - prefix.gather(1, starts)
+        levels = torch.where(members > 0, sums / members.clamp(min=1), levels).float().sort(-1).values
     return levels
 
 
