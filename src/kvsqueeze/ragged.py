@@ -83,10 +83,12 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         layer.page_size = quantizer.group if quantizer is not None else page_size or page_size_for(
             layer.lengths.float().mean().item())
         layer.pages_k, layer.pages_v, layer.page_segment, layer.page_fill = layer._pack(keys, values, mask)
-        longest = int(layer.lengths.max()) if layer.lengths.numel() else 0
-        order = (~mask).long().argsort(dim=-1, stable=True)[..., :longest]  # each head's kept tokens first, in order
-        layer.token_state = {name: torch.cat([state.gather(-1, order), state[..., n - recent:]], -1)
-                             for name, state in (token_state or {}).items() if state.shape[-1] == n}
+        layer.token_state = {}
+        if token_state:
+            longest = int(layer.lengths.max()) if layer.lengths.numel() else 0
+            order = (~mask).long().argsort(dim=-1, stable=True)[..., :longest]  # each head's kept tokens first, in order
+            layer.token_state = {name: torch.cat([state.gather(-1, order), state[..., n - recent:]], -1)
+                                 for name, state in token_state.items() if state.shape[-1] == n}
         return layer
 
     def _pack(self, keys, values, mask):
@@ -101,10 +103,11 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         segment = b * heads + h
         rank = torch.arange(len(segment), device=keys.device) - (torch.cumsum(lengths, 0) - lengths)[segment]
         page, slot = first_page[segment] + rank // self.page_size, rank % self.page_size
+        token, stored = segment * mask.shape[-1] + position, page * self.page_size + slot  # as rows of 2-D views
         pages_k = keys.new_zeros(n_pages, self.page_size, keys.shape[-1])
         pages_v = values.new_zeros(n_pages, self.page_size, values.shape[-1])
-        pages_k[page, slot] = keys[b, h, position]
-        pages_v[page, slot] = values[b, h, position]
+        pages_k.flatten(0, 1).index_copy_(0, stored, keys.flatten(0, 2).index_select(0, token))
+        pages_v.flatten(0, 1).index_copy_(0, stored, values.flatten(0, 2).index_select(0, token))
         page_segment = torch.repeat_interleave(torch.arange(batch * heads, device=keys.device), pages_per_segment)
         page_in_segment = torch.arange(n_pages, device=keys.device) - first_page[page_segment]
         page_fill = (lengths[page_segment] - page_in_segment * self.page_size).clamp(max=self.page_size)
