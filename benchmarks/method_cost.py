@@ -92,51 +92,46 @@ def plain_prefill(model, ids, cache: dict | None = None):
                          use_cache=True)
 
 
-def extra_work_seconds(model, ids, reps: int) -> dict:
-    """Seconds of each kind of `Method.extra_work` on these tokens, best of `reps`: "attention" (the model's attention
+def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
+    """Seconds of one kind of `Method.extra_work` on these tokens, best of `reps`: "attention" (the model's attention
     over the context in every layer: its shapes, `scaled_dot_product_attention`), "output_projection" (every
     layer's o_proj over the context), "second_forward" (the context forwarded again after itself, on a cache
-    holding it) and "backward" (that forward's backward, to the activations: the weights frozen)."""
+    holding it) or "backward" (that forward's backward, to the activations: the weights frozen)."""
     modules = attention_modules(model)
     config = model.config.get_text_config()
     heads, kv_heads, n = config.num_attention_heads, config.num_key_value_heads, ids.shape[1]
     dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    query, keys = torch.randn(1, heads, n, dim), torch.randn(1, kv_heads, n, dim)
-    states = torch.randn(1, n, heads * dim)
-    cache = lambda: {cache_argument(model): DynamicCache(config=model.config)}
 
     def attention():
-        for _ in modules:
-            F.scaled_dot_product_attention(query, keys, keys, is_causal=True, enable_gqa=True)
+        query, keys = torch.randn(1, heads, n, dim), torch.randn(1, kv_heads, n, dim)
+        return timed(lambda: [F.scaled_dot_product_attention(query, keys, keys, is_causal=True, enable_gqa=True)
+                              for _ in modules])
 
     def output_projection():
+        states = torch.randn(1, n, heads * dim)
         with torch.no_grad():
-            for module in modules:
-                module.o_proj(states)
+            return timed(lambda: [module.o_proj(states) for module in modules])
 
-    def second_forward(with_gradients: bool):
-        held = cache()
+    def second_forward(with_gradients: bool = False):
+        held = {cache_argument(model): DynamicCache(config=model.config)}
         plain_prefill(model, ids, held)
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(with_gradients)
         with frozen(model), torch.set_grad_enabled(with_gradients):
             start = time.perf_counter()
             hidden = model.base_model(inputs_embeds=embeds, **held, use_cache=True).last_hidden_state
             forward = time.perf_counter() - start
-            return forward, timed(hidden.pow(2).sum().backward) if with_gradients else None
+            return timed(hidden.pow(2).sum().backward) if with_gradients else forward
 
-    best = {"attention": [], "output_projection": [], "second_forward": [], "backward": []}
+    measure = {"attention": attention, "output_projection": output_projection, "second_forward": second_forward,
+               "backward": lambda: second_forward(with_gradients=True)}[kind]
+    seconds = []
     for _ in range(reps):
         settle()
-        best["attention"].append(timed(attention))
-        best["output_projection"].append(timed(output_projection))
-        settle()
-        best["second_forward"].append(second_forward(False)[0])
-        settle()
-        best["backward"].append(second_forward(True)[1])
-    return {kind: min(seconds) for kind, seconds in best.items()}
+        seconds.append(measure())
+    return min(seconds)
 
 
-def bound(row: dict, extra: dict | None) -> float:
+def bound(row: dict, extra: dict) -> float:
     """The most a configuration's prefill may cost over a plain prefill: 1.10x without extra work, else 1.15x a
     plain prefill plus its extra work (measured at the same length)."""
     if not row.get("extra_work"):
@@ -203,9 +198,6 @@ def run(args):
     for length in map(int, args.lengths.split(",")):
         ids = context_ids(tokenizer, length)
         full = kvsqueeze.compress(model, None, ids, check_window=False)  # the decoding reference
-        if (length, "extra_work") not in done:
-            record(out, {"length": length, "config": "extra_work", "threads": args.threads, "reps": args.reps}
-                   | extra_work_seconds(model, ids, args.reps))
         for label, name, quant in configurations():
             if (length, label) in done or (only and label not in only and label != "full"):
                 continue
@@ -214,6 +206,11 @@ def run(args):
             except Exception as error:  # noqa: BLE001  a method that cannot run at this length is reported, not fatal
                 row = {"error": f"{type(error).__name__}: {error}"[:300]}
             record(out, {"length": length, "config": label, "threads": args.threads, "reps": args.reps} | row)
+            for kind in row.get("extra_work", []):  # what the bound needs, measured once per length
+                if (length, f"extra_work:{kind}") not in done:
+                    done.add((length, f"extra_work:{kind}"))
+                    record(out, {"length": length, "config": f"extra_work:{kind}", "threads": args.threads,
+                                 "reps": args.reps, "seconds": extra_work_seconds(model, ids, kind, args.reps)})
 
 
 def record(out: Path, row: dict) -> None:
@@ -227,7 +224,7 @@ def page(path: str, page_path: str, reps: int) -> None:
     page_path = Path(page_path)
     figure = page_path.with_suffix(".png")
     text = table(path, str(figure))
-    rows = [r for r in map(json.loads, Path(path).open()) if r["config"] != "extra_work"]
+    rows = [r for r in map(json.loads, Path(path).open()) if not r["config"].startswith("extra_work:")]
     threads = "; ".join(f"{n:,} tokens: {len({r['config'] for r in rows if r['length'] == n})} configurations, torch "
                         "threads " + "/".join(map(str, sorted({r.get("threads", 2) for r in rows if r["length"] == n})))
                         for n in sorted({r["length"] for r in rows}))
@@ -258,8 +255,11 @@ its plain prefill and full cache, under eager attention, the only one that retur
 
 def table(path: str, figure: str | None) -> str:
     rows = [json.loads(line) for line in Path(path).open()]
-    extra = {r["length"]: r for r in rows if r["config"] == "extra_work"}
-    rows = [r for r in rows if r["config"] != "extra_work"]
+    extra = {}  # length -> {kind: seconds}
+    for r in rows:
+        if r["config"].startswith("extra_work:"):
+            extra.setdefault(r["length"], {})[r["config"].split(":", 1)[1]] = r["seconds"]
+    rows = [r for r in rows if not r["config"].startswith("extra_work:")]
     lengths = sorted({r["length"] for r in rows})
     configs = list(dict.fromkeys(r["config"] for r in rows))
     cell = {(r["length"], r["config"]): r for r in rows}
@@ -271,7 +271,7 @@ def table(path: str, figure: str | None) -> str:
     def prefill(r):  # the ratio, its bound where the method has extra work, and whether it is over
         if r is None or "error" in r:
             return ratio(r, "prefill_ratio")
-        limit = bound(r, extra.get(r["length"]))
+        limit = bound(r, extra.get(r["length"], {}))
         shown = f"{r['prefill_ratio']:.2f}x" + (f" (≤ {limit:.2f}x)" if r.get("extra_work") else "")
         return shown + (" **over**" if r["prefill_ratio"] > limit else "")
 
@@ -294,7 +294,7 @@ def table(path: str, figure: str | None) -> str:
             values = [cell.get((n, c), {}).get("prefill_ratio", float("nan")) for c in configs]
             ax.bar([j + i * width for j in range(len(configs))], values, width, label=f"{n:,} tokens")
         ax.axhline(1.10, color="black", linestyle="--", linewidth=0.8, label="1.10x")
-        limits = [(j, bound(cell[lengths[0], c], extra.get(lengths[0]))) for j, c in enumerate(configs)
+        limits = [(j, bound(cell[lengths[0], c], extra.get(lengths[0], {}))) for j, c in enumerate(configs)
                   if cell.get((lengths[0], c), {}).get("extra_work")]
         if limits:
             ax.scatter(*zip(*limits), marker="_", s=120, color="black",
