@@ -96,7 +96,8 @@ def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
     """Seconds of one kind of `Method.extra_work` on these tokens, best of `reps`: "attention" (the model's attention
     over the context in every layer: its shapes, `scaled_dot_product_attention`), "output_projection" (every
     layer's o_proj over the context), "second_forward" (the context forwarded again after itself, on a cache
-    holding it) or "backward" (that forward's backward, to the activations: the weights frozen)."""
+    holding it) or "backward" (what gradients add to that forward: its recording for autograd and its backward,
+to the activations: the weights frozen)."""
     modules = attention_modules(model)
     config = model.config.get_text_config()
     heads, kv_heads, n = config.num_attention_heads, config.num_key_value_heads, ids.shape[1]
@@ -120,10 +121,15 @@ def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
             start = time.perf_counter()
             hidden = model.base_model(inputs_embeds=embeds, **held, use_cache=True).last_hidden_state
             forward = time.perf_counter() - start
-            return timed(hidden.pow(2).sum().backward) if with_gradients else forward
+            return forward + timed(hidden.pow(2).sum().backward) if with_gradients else forward
+
+    def backward():  # what gradients add to that forward: recording it for autograd, and the backward
+        without = second_forward()
+        settle()
+        return second_forward(with_gradients=True) - without
 
     measure = {"attention": attention, "output_projection": output_projection, "second_forward": second_forward,
-               "backward": lambda: second_forward(with_gradients=True)}[kind]
+               "backward": backward}[kind]
     seconds = []
     for _ in range(reps):
         settle()
@@ -243,8 +249,9 @@ resident memory the prefill+compress added at its peak (both at the shortest len
 `Method.extra_work`) to 1.15x of a plain prefill plus that work, measured in the same run at the same length
 (the bound is shown beside its ratio): *attention* is the model's attention over the context in every layer,
 *output_projection* every layer's o_proj over the context, *second_forward* the context forwarded again after
-itself on a cache holding it, *backward* that forward's backward. Methods that need calibration run with untrained tables or modules of the right
-shape, which cost what trained ones cost. A method that reads the attention weights (ObservedAttention) runs, as do
+itself on a cache holding it, *backward* what gradients add to that forward (recording it, and its backward).
+Methods that need calibration run with untrained tables or modules of the right shape, which cost what trained
+ones cost. A method that reads the attention weights (ObservedAttention) runs, as do
 its plain prefill and full cache, under eager attention, the only one that returns them.
 
 ![prefill+compress time over a plain prefill]({figure.name})

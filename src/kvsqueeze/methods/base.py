@@ -36,8 +36,9 @@ class Method:
     - `extra_work`: what it computes beyond a plain prefill by design (its docstring's "Inherent cost"):
       "attention" (one more attention pass of the context's queries over its keys), "output_projection" (the
       values through the output projection once more), "second_forward" (the context forwarded again after
-      itself, on a fork of the cache), "backward" (that forward's backward). `benchmarks/method_cost.py` measures
-      each and holds the method to 1.15x a plain prefill plus them (1.10x a plain prefill when there is none).
+      itself, on a fork of the cache), "backward" (what gradients add to that forward: recording it, and its
+      backward). `benchmarks/method_cost.py` measures each and holds the method to 1.15x a plain prefill plus
+      them (1.10x a plain prefill when there is none).
 
     A method holding other methods in its fields (a wrapper: Composed, AdaKV's scorer, KeyRerotation...) has their
     capabilities too (`has`), and passes `setup`, `before_forward`, `after_prefill` and `attend` on to them
