@@ -232,9 +232,10 @@ def write_page(folder: str | Path, page: str | Path, readme: str | Path | None =
     needle_lengths = ", ".join(map(str, settings["needle_lengths"]))
     tasks = ", ".join(settings["ruler_tasks"]) if settings.get("ruler_tasks") else "all 11 tasks"
     threads = f"{record['threads']} thread" + ("s" if record["threads"] != 1 else "")
+    samples = f"{settings['ruler_samples']} sample" + ("s" if settings["ruler_samples"] != 1 else "")
     about = (f"The bundled model, {record['device']}, {threads}, commit "
              f"{str(record['commit'])[:10]}; {record['configurations']} configurations; RULER at "
-             f"{settings['ruler_length']:,} tokens ({tasks}, {settings['ruler_samples']} sample each), needle at "
+             f"{settings['ruler_length']:,} tokens ({tasks}, {samples} each), needle at "
              f"{needle_lengths} tokens × {settings['needle_depths']} depths; {minutes:.0f} minutes in all.")
     why_not = dict(record["left_out"])
     ranked = {entry.method.partition(":")[0] for entry in rows}
