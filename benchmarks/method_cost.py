@@ -97,7 +97,7 @@ def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
     over the context in every layer: its shapes, `scaled_dot_product_attention`), "output_projection" (every
     layer's o_proj over the context), "second_forward" (the context forwarded again after itself, on a cache
     holding it) or "backward" (what gradients add to that forward: its recording for autograd and its backward,
-to the activations: the weights frozen)."""
+    to the activations: the weights frozen)."""
     modules = attention_modules(model)
     config = model.config.get_text_config()
     heads, kv_heads, n = config.num_attention_heads, config.num_key_value_heads, ids.shape[1]
@@ -128,12 +128,12 @@ to the activations: the weights frozen)."""
         settle()
         return second_forward(with_gradients=True) - without
 
-    measure = {"attention": attention, "output_projection": output_projection, "second_forward": second_forward,
-               "backward": backward}[kind]
+    once = {"attention": attention, "output_projection": output_projection, "second_forward": second_forward,
+            "backward": backward}[kind]
     seconds = []
     for _ in range(reps):
         settle()
-        seconds.append(measure())
+        seconds.append(once())
     return min(seconds)
 
 
