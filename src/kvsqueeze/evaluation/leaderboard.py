@@ -27,8 +27,6 @@ NOT_RANKED = {"composed": "composes other methods (each is ranked alone)",
               "per_layer_compression": "a ratio per layer, given by the user",
               "decoding_budget": "bounds the cache while generating, not the context",
               "rolling_streaming_llm": "bounds the cache while generating, not the context",
-              "observed_attention": "needs the attention weights, which only eager attention returns (the board runs "
-                                    "sdpa; kvpress parity and its tests run it under eager)",
               "dms": "keeps what passes a score threshold, which depends on the model and the scorer (no ratio)"}
 
 
@@ -67,6 +65,9 @@ def contenders(settings: Settings) -> tuple[list[Configuration], dict[str, str]]
         spec = name
         if name in NOT_RANKED:
             left_out[name] = NOT_RANKED[name]
+            continue
+        if "attention_weights" in cls.declares:
+            left_out[name] = "needs the attention weights, which only eager attention returns (the board runs sdpa)"
             continue
         if cls.calibration and cls.calibration_required:
             spec = calibrated_spec(name) if settings.bundled else None

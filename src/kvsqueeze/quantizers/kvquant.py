@@ -5,14 +5,19 @@ import torch
 from .base import Quantizer, add_outliers, masked_range, pack_bits, split_outliers, unpack_bits
 
 
+def midpoints(levels: torch.Tensor) -> torch.Tensor:
+    """The points halfway between consecutive sorted `levels` [n, L]: [n, L - 1]."""
+    return (levels[:, 1:] + levels[:, :-1]) / 2
+
+
 def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index of the nearest of the sorted `levels` [n, L] for every value of x [n, m] (uint8; a value halfway
     between two levels takes the lower): how many midpoints lie below it, one comparison per midpoint (on a CPU
     several times faster than a binary search per value)."""
-    midpoints = (levels[:, 1:] + levels[:, :-1]) / 2
+    halfway = midpoints(levels)
     index = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-    for j in range(midpoints.shape[1]):
-        index += x > midpoints[:, j:j + 1]
+    for j in range(halfway.shape[1]):
+        index += x > halfway[:, j:j + 1]
     return index
 
 
@@ -32,9 +37,8 @@ def fit_levels(x: torch.Tensor, valid: torch.Tensor, n_levels: int, iterations: 
     valid_sorted = torch.arange(ordered.shape[1], device=x.device) < count
     prefix = torch.nn.functional.pad(ordered.where(valid_sorted, 0).double().cumsum(-1), (1, 0))
     for _ in range(iterations):
-        midpoints = (levels[:, 1:] + levels[:, :-1]) / 2
         # level k holds the values above midpoint k - 1 up to midpoint k (one on a midpoint: the lower level)
-        ends = torch.cat([torch.searchsorted(ordered, midpoints.contiguous(), right=True).clamp(max=count), count], 1)
+        ends = torch.cat([torch.searchsorted(ordered, midpoints(levels), right=True).clamp(max=count), count], 1)
         starts = torch.nn.functional.pad(ends[:, :-1], (1, 0))
         members = ends - starts
         sums = prefix.gather(1, ends) - prefix.gather(1, starts)
