@@ -94,7 +94,8 @@ def plain_prefill(model, ids, cache: dict | None = None):
 
 def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
     """Seconds of one kind of `Method.extra_work` on these tokens, best of `reps`: "attention" (the model's attention
-    over the context in every layer: its shapes, `scaled_dot_product_attention`), "output_projection" (every
+    over the context in every layer: its shapes, `scaled_dot_product_attention`), "chunk_attention" (the same
+    within each 256-token chunk, without the causal mask), "output_projection" (every
     layer's o_proj over the context), "second_forward" (the context forwarded again after itself, on a cache
     holding it) or "backward" (what gradients add to that forward: its recording for autograd and its backward,
     to the activations: the weights frozen)."""
@@ -107,6 +108,12 @@ def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
         query, keys = torch.randn(1, heads, n, dim), torch.randn(1, kv_heads, n, dim)
         return timed(lambda: [F.scaled_dot_product_attention(query, keys, keys, is_causal=True, enable_gqa=True)
                               for _ in modules])
+
+    def chunk_attention(size: int = 256):
+        query, keys = torch.randn(1, heads, n, dim), torch.randn(1, kv_heads, n, dim)
+        chunks = [slice(start, start + size) for start in range(0, n, size)]
+        return timed(lambda: [F.scaled_dot_product_attention(query[:, :, c], keys[:, :, c], keys[:, :, c],
+                                                             enable_gqa=True) for _ in modules for c in chunks])
 
     def output_projection():
         states = torch.randn(1, n, heads * dim)
@@ -128,7 +135,7 @@ def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
         settle()
         return second_forward(with_gradients=True) - without
 
-    once = {"attention": attention, "output_projection": output_projection, "second_forward": second_forward,
+    once = {"attention": attention, "chunk_attention": chunk_attention, "output_projection": output_projection, "second_forward": second_forward,
             "backward": backward}[kind]
     seconds = []
     for _ in range(reps):

@@ -34,7 +34,8 @@ class Method:
       "after_prefill" (`after_prefill` evicts, once the whole context is in the cache), "attention_weights" (it
       reads the attention weights, which only eager attention returns);
     - `extra_work`: what it computes beyond a plain prefill by design (its docstring's "Inherent cost"):
-      "attention" (one more attention pass of the context's queries over its keys), "output_projection" (the
+      "attention" (one more attention pass of the context's queries over its keys), "chunk_attention" (the same
+      within each chunk of the context, without the causal mask), "output_projection" (the
       values through the output projection once more), "second_forward" (the context forwarded again after
       itself, on a fork of the cache), "backward" (what gradients add to that forward: recording it, and its
       backward). `benchmarks/method_cost.py` measures each and holds the method to 1.15x a plain prefill plus

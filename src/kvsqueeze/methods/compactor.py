@@ -14,10 +14,13 @@ class Compactor(ScorerMethod):
     (4) tokens, which are always kept, a token scores `blending` x its z-scored leverage (LeverageScore)
     plus its z-scored non-causal attention (NonCausalAttention). As in the authors' kvpress
     implementation, `blending` defaults to the compression ratio (0.35 with a token budget). Prefill only.
+    Inherent cost: attention within each chunk, without the causal mask (QKᵀ and softmax, no P·V), over the
+    context's queries.
     """
 
     name = "compactor"
     declares = frozenset({"whole_context"})
+    extra_work = ("chunk_attention",)
 
     sink_size_start: int = 8
     sink_size_end: int = 4

@@ -43,10 +43,13 @@ class NonCausalAttention(ScorerMethod):
     (256, the authors'), attention within a chunk is computed without the causal mask, the attention each
     key receives is summed over the chunk's queries, averaged over the query heads of its KV head,
     weighted by the value norm, smoothed over 3 neighbours and z-scored per batch row. Prefill only.
+    Inherent cost: attention within each chunk, without the causal mask (QKᵀ and softmax, no P·V), over the
+    context's queries.
     """
 
     name = "non_causal_attention"
     declares = frozenset({"whole_context"})
+    extra_work = ("chunk_attention",)
 
     chunk_size: int = 256
 
