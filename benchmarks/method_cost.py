@@ -255,7 +255,7 @@ resident memory the prefill+compress added at its peak (both at the shortest len
 **extra work** by design is held to 1.10x; one whose paper needs more (its docstring's "Inherent cost",
 `Method.extra_work`) to 1.15x of a plain prefill plus that work, measured in the same run at the same length
 (the bound is shown beside its ratio): *attention* is the model's attention over the context in every layer,
-*output_projection* every layer's o_proj over the context, *second_forward* the context forwarded again after
+*chunk_attention* the same within each 256-token chunk without the causal mask, *output_projection* every layer's o_proj over the context, *second_forward* the context forwarded again after
 itself on a cache holding it, *backward* what gradients add to that forward (recording it, and its backward).
 Methods that need calibration run with untrained tables or modules of the right shape, which cost what trained
 ones cost. A method that reads the attention weights (ObservedAttention) runs, as do
