@@ -406,14 +406,15 @@ def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.
     batch, n_heads, q_len, dim = query.shape
     segments = batch * layer.heads
     rows = n_heads // layer.heads * q_len  # query rows per segment: the group's heads x new tokens
-    queries = query.reshape(segments, rows, dim)
+    queries = query.reshape(segments, rows, dim) * scaling  # scaled once, for the tail and the pages
 
     tail_k, tail_v = layer.tail_k.reshape(segments, -1, dim), layer.tail_v.reshape(segments, -1, layer.tail_v.shape[-1])
-    logits = torch.bmm(queries, tail_k.transpose(1, 2)).float() * scaling
+    logits = torch.bmm(queries, tail_k.transpose(1, 2)).float()
     tail_len = tail_k.shape[1]
-    new_token = torch.arange(rows, device=query.device) % q_len
-    future = torch.arange(tail_len, device=query.device)[None, :] > (tail_len - q_len + new_token)[:, None]
-    logits = logits.masked_fill(future, float("-inf"))
+    if q_len > 1:  # the new tokens are causal among themselves (one new token sees the whole tail)
+        new_token = torch.arange(rows, device=query.device) % q_len
+        future = torch.arange(tail_len, device=query.device)[None, :] > (tail_len - q_len + new_token)[:, None]
+        logits = logits.masked_fill(future, float("-inf"))
     if allowed is not None:
         group = n_heads // layer.heads
         allowed = allowed[:, 0][:, None, None].expand(batch, layer.heads, group, q_len, tail_len)
@@ -428,16 +429,16 @@ def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.
         if layer.key_channels is not None:  # ThinK: the keys kept only some channels; so do the queries
             channels = layer.key_channels[:, None, :].expand(-1, rows, -1)
             queries = queries.gather(-1, channels)
-        page_logits = layer.page_logits(queries[segment]) * scaling
+        page_logits = layer.page_logits(queries[segment])
         empty = torch.arange(layer.page_size, device=query.device)[None, :] >= layer.page_fill[:, None]
-        page_logits = page_logits.masked_fill(empty[:, None, :], float("-inf"))
+        page_logits = page_logits.masked_fill_(empty[:, None, :], float("-inf"))
         page_top = page_logits.amax(-1)  # [pages, rows]
         top_all = top.scatter_reduce(0, segment[:, None].expand(-1, rows), page_top, "amax")
-        page_weights = (page_logits - top_all[segment][..., None]).exp()
+        page_weights = page_logits.sub_(top_all[segment][..., None]).exp_()
         page_out = layer.page_mix(page_weights)
-        rescale = (top - top_all).exp()
-        total = total * rescale + torch.zeros_like(total).index_add_(0, segment, page_weights.sum(-1))
-        out = out * rescale[..., None] + torch.zeros_like(out).index_add_(0, segment, page_out)
+        rescale = (top - top_all).exp_()
+        total = total.mul_(rescale).index_add_(0, segment, page_weights.sum(-1))
+        out = out.mul_(rescale[..., None]).index_add_(0, segment, page_out)
 
     out = (out / total.clamp(min=torch.finfo(total.dtype).tiny)[..., None]).to(query.dtype)  # nothing visible: 0
     return out.view(batch, n_heads, q_len, -1).transpose(1, 2).contiguous()
