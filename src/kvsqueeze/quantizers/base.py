@@ -153,6 +153,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 def masked_range(x: torch.Tensor, valid: torch.Tensor, dim) -> tuple[torch.Tensor, torch.Tensor]:
     """(min, max) of x over `dim` among the `valid` entries (0, 0 where none is)."""
+    if bool(valid.all()):  # full pages: one pass, no masked copies
+        return torch.aminmax(x, dim=dim, keepdim=True)
     lo = x.masked_fill(~valid, math.inf).amin(dim, keepdim=True)
     hi = x.masked_fill(~valid, -math.inf).amax(dim, keepdim=True)
     empty = torch.isinf(lo)
