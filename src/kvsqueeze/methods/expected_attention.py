@@ -36,11 +36,12 @@ def context_queries(ctx: LayerContext, n_sink: torch.Tensor, covariance: bool = 
         counted = counted * ctx.new_real.float()
     queries, weights = ctx.rope.queries.float(), counted[:, None, :, None]
     weighted = queries * weights
-    mean = weighted.sum(2) / counted.sum(-1).clamp(min=1)[:, None, None]
+    count = counted.sum(-1).clamp(min=1)[:, None, None]
+    mean = weighted.sum(2) / count
     if not covariance:
         return mean, None
-    centred = torch.sub(queries, mean[:, :, None], out=weighted).mul_(weights)  # in weighted's memory: no new pages
-    return mean, centred.transpose(-1, -2) @ centred / weights.sum(2, keepdim=True).clamp(min=1)
+    second_moment = weighted.transpose(-1, -2) @ queries / count[..., None]  # E[q q'] over the counted queries
+    return mean, second_moment - mean[..., :, None] * mean[..., None, :]
 
 
 def future_rotation(ctx: LayerContext, n_future_positions: int) -> torch.Tensor:
