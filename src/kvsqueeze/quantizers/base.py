@@ -186,10 +186,8 @@ def uniform_logits(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     per_byte = 8 // bits
     queries = queries.float()
     scaled = (queries * scale.float()).unflatten(-1, (-1, per_byte)).permute(3, 0, 1, 2).contiguous()  # by plane
-    out = torch.bmm(queries, zero.float().transpose(1, 2))  # the minima's part: [n, rows, 1]
-    for part, plane in zip(scaled, code_planes(codes, bits)):
-        out = torch.baddbmm(out, part, plane.float().transpose(1, 2))
-    return out
+    out = sum(torch.bmm(part, plane.float().transpose(1, 2)) for part, plane in zip(scaled, code_planes(codes, bits)))
+    return out + (queries * zero.float()).sum(-1, keepdim=True)
 
 
 def uniform_mix(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
