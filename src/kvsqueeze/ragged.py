@@ -434,7 +434,7 @@ def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.
         page_logits = page_logits.masked_fill_(empty[:, None, :], float("-inf"))
         page_top = page_logits.amax(-1)  # [pages, rows]
         top_all = top.scatter_reduce(0, segment[:, None].expand(-1, rows), page_top, "amax")
-        page_weights = page_logits.sub_(top_all[segment][..., None]).exp_()
+        page_weights = (page_logits - top_all[segment][..., None]).exp()  # not in place: amax's backward reads them
         page_out = layer.page_mix(page_weights)
         rescale = (top - top_all).exp_()
         total = total.mul_(rescale).index_add_(0, segment, page_weights.sum(-1))
