@@ -98,6 +98,33 @@ def test_outliers_are_kept_exactly_and_lower_the_error(spec):
     assert (with_outliers - x).norm() < (without - x).norm()
 
 
+@pytest.mark.parametrize("spec", ["kvquant-4", "gear-4"])
+def test_an_outliers_place_does_not_stretch_the_range_of_its_channel(spec):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 32, 64, generator=g)
+    x[:, :, 7] = 10 + 0.1 * torch.randn(2, 32, generator=g)  # a channel far from the page's other values
+    x[0, 3, 7] = 80.0
+    back = quantizer(spec).encode(x, torch.full((2,), 32), "keys").dequantize()
+    assert back[0, 3, 7].item() == pytest.approx(80.0, rel=1e-3)
+    assert (back[0, :, 7] - x[0, :, 7]).abs().max() < 0.05  # a 0.4-wide channel on 16 levels, not 10 wide
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 6), size=st.integers(1, 300), levels=st.sampled_from([2, 4, 16]), seed=st.integers(0, 999))
+def test_kvquant_codes_each_value_to_its_nearest_level_within_a_grid_step(n, size, levels, seed):
+    from kvsqueeze.quantizers.kvquant import nonuniform_codes
+
+    g = torch.Generator().manual_seed(seed)
+    unit = torch.rand(n, size, generator=g) ** 3  # skewed, as real values are
+    valid = torch.rand(n, size, generator=g) < 0.9
+    fitted, codes = nonuniform_codes(unit, valid, levels, steps=1024)
+    assert fitted.shape == (n, levels) and codes.shape == unit.shape and codes.dtype == torch.uint8
+    assert bool((fitted.diff(dim=-1) >= 0).all()) and bool(((fitted >= 0) & (fitted <= 1)).all())
+    distance = (unit[..., None] - fitted[:, None, :]).abs()  # [n, size, levels]
+    chosen = distance.gather(-1, codes.long()[..., None])[..., 0]
+    assert bool((chosen <= distance.amin(-1) + 1 / 1024 + 1e-6)[valid].all())
+
+
 def test_gear_low_rank_correction_lowers_the_error():
     x = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(2))
     x = x + torch.randn(4, 64, 1) @ torch.randn(4, 1, 64) * 3  # a strong low-rank component

@@ -215,22 +215,21 @@ def codes_at(packed: torch.Tensor, bits: int, token: torch.Tensor, channel: torc
 
 
 def split_outliers(x: torch.Tensor, valid: torch.Tensor, fraction: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Take the `fraction` of each page's entries largest in magnitude out of `x` [n, page, dim].
+    """Set the `fraction` of each page's `valid` entries of `x` [n, page, dim] largest in magnitude apart.
 
-    Returns x with those entries set to the median of their page (so they no longer stretch the ranges)
-    and the sparse part: float16 values and their flat positions in the page.
+    Returns where the dense part holds tokens (`valid` [n, page, 1] without those entries, [n, page, dim]: they
+    no longer stretch the ranges the dense part is quantized over, and what the dense part stores there is
+    overwritten on decoding) and the sparse part: float16 values and their flat positions in the page.
     """
     n, page, dim = x.shape
     count = max(1, math.ceil(fraction * page * dim)) if fraction > 0 else 0
-    flat = x.reshape(n, page * dim)
-    magnitude = x.abs().masked_fill(~valid, -1).reshape(n, page * dim)
-    index_dtype = torch.int16 if page * dim <= 2 ** 15 else torch.int32
     if count == 0:
-        return x, {}
+        return valid, {}
+    magnitude = x.abs().masked_fill(~valid, -1).reshape(n, page * dim)
     position = magnitude.topk(count, dim=-1).indices
-    values = flat.gather(-1, position)
-    fill = x.masked_fill(~valid, float("nan")).reshape(n, -1).nanmedian(-1, keepdim=True).values.nan_to_num(0)
-    dense = flat.scatter(-1, position, fill.expand(-1, count)).view(n, page, dim)
+    values = x.reshape(n, page * dim).gather(-1, position)
+    dense = valid.expand(n, page, dim).reshape(n, page * dim).scatter(-1, position, False).view(n, page, dim)
+    index_dtype = torch.int16 if page * dim <= 2 ** 15 else torch.int32
     return dense, {"outlier_values": values.half(), "outlier_index": position.to(index_dtype)}
 
 

@@ -47,8 +47,8 @@ class GEAR(Quantizer):
 
     def _encode(self, pages, valid, dim):
         dense, sparse = split_outliers(pages, valid, self.outliers)
-        parts = quantize_uniform(dense, valid, self.bits, dim)
-        error = (dense - dequantize_uniform(parts["codes"], parts["scale"], parts["zero"])) * valid
+        parts = quantize_uniform(pages, dense, self.bits, dim)
+        error = (pages - dequantize_uniform(parts["codes"], parts["scale"], parts["zero"])) * dense
         left, right = low_rank(error, min(self.rank, *error.shape[1:]))
         factors = {"left": left.half(), "right": right.half()}
         return {"codes": pack_bits(parts["codes"], self.bits), "scale": parts["scale"], "zero": parts["zero"]

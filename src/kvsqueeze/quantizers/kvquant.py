@@ -10,48 +10,55 @@ def midpoints(levels: torch.Tensor) -> torch.Tensor:
     return (levels[:, 1:] + levels[:, :-1]) / 2
 
 
-def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest of the sorted `levels` [n, L] for every value of x [n, m] (uint8; a value halfway
-    between two levels takes the lower): how many midpoints lie below it, one comparison per midpoint (on a CPU
-    several times faster than a binary search per value)."""
-    halfway = midpoints(levels)
-    index = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-    for j in range(halfway.shape[1]):
-        index += x > halfway[:, j:j + 1]
-    return index
+def nonuniform_codes(unit: torch.Tensor, valid: torch.Tensor, n_levels: int, steps: int = 1024, iterations: int = 8
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per page, `n_levels` sorted levels [n, n_levels] fitted by 1-D k-means (Lloyd) to the `valid` values of
+    `unit` [n, ...] (normalized to [0, 1]), and the code of every value (uint8, its level's index, unit's shape).
 
-
-def fit_levels(x: torch.Tensor, valid: torch.Tensor, n_levels: int, iterations: int = 8) -> torch.Tensor:
-    """Per page, `n_levels` sorted levels fitted to the values of x [n, ...] by 1-D k-means (Lloyd).
-
-    Starts from the quantiles, so the levels follow the distribution (denser where values are). On the sorted
-    values each level's members are a run between two midpoints, so an iteration finds the runs' ends (a search
-    per midpoint) and their sums from prefix sums, not a search and a scatter per value.
+    The values are first placed on a grid of `steps` steps over [0, 1], each at its step's centre (at most half a
+    step, 1/2048 of the page's range, away): Lloyd runs on each page's histogram, whose prefix counts give every
+    level's members and their mean without sorting the values, and each step goes to its nearest level. Starts
+    from the quantiles, so the levels follow the distribution; stops early where the levels no longer move.
     """
-    n = x.shape[0]
-    flat, keep = x.reshape(n, -1), valid.expand_as(x).reshape(n, -1)
-    ordered = flat.masked_fill(~keep, float("inf")).sort(-1).values  # the valid values first, ascending
-    count = keep.sum(-1, keepdim=True)
-    at = (torch.linspace(0, 1, n_levels, device=x.device)[None, :] * (count.clamp(min=1) - 1)).round().long()
-    levels = ordered.gather(1, at).masked_fill(count == 0, 0)
-    valid_sorted = torch.arange(ordered.shape[1], device=x.device) < count
-    prefix = torch.nn.functional.pad(ordered.where(valid_sorted, 0).double().cumsum(-1), (1, 0))
+    n, device = unit.shape[0], unit.device
+    binned = (unit.reshape(n, -1) * steps).clamp_(0, steps - 1).long()  # the step of each value
+    binned.masked_fill_(~valid.expand_as(unit).reshape(n, -1), steps)  # the invalid: an extra step, left out
+    binned = (binned + torch.arange(0, n * (steps + 1), steps + 1, device=device)[:, None]).flatten()  # page by page
+    histogram = torch.zeros(n * (steps + 1), dtype=torch.long, device=device).scatter_add_(
+        0, binned, torch.ones(1, dtype=torch.long, device=device).expand_as(binned)).view(n, steps + 1)[:, :steps]
+    twice_centre = torch.arange(1, 2 * steps, 2, device=device)  # of each step, in steps: exact integers
+    # [n, 2, steps + 1]: how many valid values lie below each step, and twice their sum in steps
+    below = torch.nn.functional.pad(torch.stack([histogram, histogram * twice_centre], 1).cumsum(-1), (1, 0))
+    total = below[:, 0, -1:]
+    rank = torch.linspace(0, 1, n_levels, device=device, dtype=torch.double)[None, :] * (total.clamp(min=1) - 1)
+    levels = (torch.searchsorted(below[:, 0, 1:].contiguous(), rank.round().long(), right=True) + 0.5) / steps
+    levels = levels.masked_fill(total == 0, 0)
+
+    def boundaries(levels):  # how many steps have their centre at or below each midpoint (levels are >= 0)
+        return ((levels[:, 1:] + levels[:, :-1]) * (steps / 2) + 0.5).long().clamp_(0, steps)
+
+    edges = torch.zeros(n, 1, n_levels + 1, dtype=torch.long, device=device)
+    edges[..., -1] = steps
     for _ in range(iterations):
-        # level k holds the values above midpoint k - 1 up to midpoint k (one on a midpoint: the lower level)
-        ends = torch.cat([torch.searchsorted(ordered, midpoints(levels), right=True).clamp(max=count), count], 1)
-        starts = torch.nn.functional.pad(ends[:, :-1], (1, 0))
-        members = ends - starts
-        sums = prefix.gather(1, ends) - prefix.gather(1, starts)
-        levels = torch.where(members > 0, sums / members.clamp(min=1), levels).float().sort(-1).values
-    return levels
+        edges[..., 1:-1] = boundaries(levels)[:, None]
+        members, twice_sum = below.gather(2, edges.expand(-1, 2, -1)).diff(dim=-1).unbind(1)
+        fitted = torch.where(members > 0, twice_sum / (2 * steps * members.clamp(min=1)), levels).float().sort(-1).values
+        if torch.equal(fitted, levels):  # a fixed point: further iterations change nothing
+            break
+        levels = fitted
+    # each step's level: how many boundaries lie at or below it
+    level_of_step = torch.zeros(n, steps + 1, dtype=torch.uint8, device=device).scatter_add_(
+        1, boundaries(levels), torch.ones(n, n_levels - 1, dtype=torch.uint8, device=device))
+    return levels, level_of_step.cumsum(-1, dtype=torch.uint8).flatten().gather(0, binned).view(unit.shape)
 
 
 class KVQuant(Quantizer):
     """Every token on 2**bits non-uniform levels fitted to the data, the largest 1% kept apart in float16.
 
-    Keys are normalized per channel, values per token, then each mapped to the nearest of 2**bits levels fitted to the page (k-means); the `outliers` fraction of
-    largest-magnitude entries is kept apart in float16 (dense-and-sparse); the `residual` recent tokens stay
-    in full precision.
+    The `outliers` fraction of largest-magnitude entries is kept apart in float16 (dense-and-sparse); over the
+    others, keys are normalized per channel and values per token, then each mapped to the nearest of 2**bits
+    levels fitted to the page (k-means on a 1024-step histogram of its values, see `nonuniform_codes`); the
+    `residual` recent tokens stay in full precision.
 
     Deliberate differences from the paper: its levels (nuqX) and outlier thresholds are calibrated offline
     per layer with Fisher-information weighting; here both come from the page being stored (no calibration
@@ -69,12 +76,11 @@ class KVQuant(Quantizer):
 
     def _encode(self, pages, valid, normalize_dim):
         dense, sparse = split_outliers(pages, valid, self.outliers)
-        lo, hi = masked_range(dense, valid, normalize_dim)
+        lo, hi = masked_range(pages, dense, normalize_dim)
         lo, span = lo.half(), (hi - lo).half()
-        unit = (dense - lo.float()) / span.float().clamp(min=torch.finfo(torch.float16).tiny)
-        levels = fit_levels(unit, valid, 2 ** self.bits).half()
-        codes = nearest_level(unit.flatten(1), levels.float()).view(unit.shape)
-        return {"codes": pack_bits(codes, self.bits), "levels": levels, "zero": lo, "span": span} | sparse
+        unit = (pages - lo.float()) / span.float().clamp(min=torch.finfo(torch.float16).tiny)
+        levels, codes = nonuniform_codes(unit, dense, 2 ** self.bits)
+        return {"codes": pack_bits(codes, self.bits), "levels": levels.half(), "zero": lo, "span": span} | sparse
 
     def encode_keys(self, pages, valid):
         return self._encode(pages, valid, normalize_dim=1)
