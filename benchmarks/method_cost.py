@@ -97,8 +97,9 @@ def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
     over the context in every layer: its shapes, `scaled_dot_product_attention`), "chunk_attention" (the same
     within each 256-token chunk, without the causal mask), "output_projection" (every
     layer's o_proj over the context), "second_forward" (the context forwarded again after itself, on a cache
-    holding it) or "backward" (what gradients add to that forward: its recording for autograd and its backward,
-    to the activations: the weights frozen)."""
+    holding it), "short_forward" (eight new tokens forwarded after the context, on a cache holding it: every
+    weight read once more) or "backward" (what gradients add to that forward: its recording for autograd and its
+    backward, to the activations: the weights frozen)."""
     modules = attention_modules(model)
     config = model.config.get_text_config()
     heads, kv_heads, n = config.num_attention_heads, config.num_key_value_heads, ids.shape[1]
@@ -120,9 +121,18 @@ def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
         with torch.no_grad():
             return timed(lambda: [module.o_proj(states) for module in modules])
 
-    def second_forward(with_gradients: bool = False):
+    def holding_the_context() -> dict:
         held = {cache_argument(model): DynamicCache(config=model.config)}
         plain_prefill(model, ids, held)
+        return held
+
+    def short_forward(tokens: int = 8):
+        held = holding_the_context()
+        with torch.no_grad():
+            return timed(lambda: model.base_model(input_ids=ids[:, :tokens], **held, use_cache=True))
+
+    def second_forward(with_gradients: bool = False):
+        held = holding_the_context()
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(with_gradients)
         with frozen(model), torch.set_grad_enabled(with_gradients):
             start = time.perf_counter()
@@ -135,8 +145,8 @@ def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
         settle()
         return second_forward(with_gradients=True) - without
 
-    once = {"attention": attention, "chunk_attention": chunk_attention, "output_projection": output_projection, "second_forward": second_forward,
-            "backward": backward}[kind]
+    once = {"attention": attention, "chunk_attention": chunk_attention, "output_projection": output_projection,
+            "second_forward": second_forward, "short_forward": short_forward, "backward": backward}[kind]
     seconds = []
     for _ in range(reps):
         settle()
@@ -255,8 +265,10 @@ resident memory the prefill+compress added at its peak (both at the shortest len
 **extra work** by design is held to 1.10x; one whose paper needs more (its docstring's "Inherent cost",
 `Method.extra_work`) to 1.15x of a plain prefill plus that work, measured in the same run at the same length
 (the bound is shown beside its ratio): *attention* is the model's attention over the context in every layer,
-*chunk_attention* the same within each 256-token chunk without the causal mask, *output_projection* every layer's o_proj over the context, *second_forward* the context forwarded again after
-itself on a cache holding it, *backward* what gradients add to that forward (recording it, and its backward).
+*chunk_attention* the same within each 256-token chunk without the causal mask, *output_projection* every layer's
+o_proj over the context, *second_forward* the context forwarded again after itself on a cache holding it,
+*short_forward* eight new tokens forwarded after the context (every weight read once more), *backward* what
+gradients add to that forward (recording it, and its backward).
 Methods that need calibration run with untrained tables or modules of the right shape, which cost what trained
 ones cost. A method that reads the attention weights (ObservedAttention) runs, as do
 its plain prefill and full cache, under eager attention, the only one that returns them.
