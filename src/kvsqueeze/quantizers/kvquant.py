@@ -35,7 +35,7 @@ def nonuniform_codes(unit: torch.Tensor, valid: torch.Tensor, n_levels: int, ste
     levels = levels.masked_fill(total == 0, 0)
 
     def boundaries(levels):  # how many steps have their centre at or below each midpoint (levels are >= 0)
-        return ((levels[:, 1:] + levels[:, :-1]) * (steps / 2) + 0.5).long().clamp_(0, steps)
+        return (midpoints(levels) * steps + 0.5).long().clamp_(0, steps)
 
     edges = torch.zeros(n, 1, n_levels + 1, dtype=torch.long, device=device)
     edges[..., -1] = steps
