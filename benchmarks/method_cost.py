@@ -259,8 +259,8 @@ Made by `python benchmarks/method_cost.py` on the bundled SmolLM2-135M-Instruct 
 method at its defaults, ratio 0.5 where it takes one) divided by the best of as many plain transformers prefills of the
 same tokens into a `DynamicCache`, alternated with them in one run, each run starting from a heap whose freed memory
 was given back to the system (as `compress` leaves it): 1.00x is no cost at all (every row carries its own
-plain prefill and full cache, so rows from separate runs, e.g. one per length, stand side by side). **decode** is seconds
-per generated token on the compressed cache over the full cache's (the question and 16 tokens, best of 2, alternated
+plain prefill and full cache, so rows from separate runs, e.g. one per length, stand side by side). **decode**
+is seconds per generated token on the compressed cache over the full cache's (the question and 16 tokens, best of 2, alternated
 with the full cache). **bytes held** is what the cache really holds, as a share of the full cache's; **peak MiB** the
 resident memory the prefill+compress added at its peak (both at the shortest length). A method with no
 **extra work** by design is held to 1.10x; one whose paper needs more (its docstring's "Inherent cost",

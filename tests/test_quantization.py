@@ -9,6 +9,7 @@ import kvsqueeze
 from kvsqueeze.ragged import ragged_attention
 from kvsqueeze.quantizers import GEAR, KIVI, KVQuant, quantizer
 from kvsqueeze.quantizers.base import pack_bits, unpack_bits
+from kvsqueeze.quantizers.kvquant import nonuniform_codes
 from kvsqueeze.ragged import RaggedLayer
 from conftest import cached, output_cache, random_ids, tiny_model
 from test_ragged import masked_attention
@@ -112,8 +113,6 @@ def test_an_outliers_place_does_not_stretch_the_range_of_its_channel(spec):
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(1, 6), size=st.integers(1, 300), levels=st.sampled_from([2, 4, 16]), seed=st.integers(0, 999))
 def test_kvquant_codes_each_value_to_its_nearest_level_within_a_grid_step(n, size, levels, seed):
-    from kvsqueeze.quantizers.kvquant import nonuniform_codes
-
     g = torch.Generator().manual_seed(seed)
     unit = torch.rand(n, size, generator=g) ** 3  # skewed, as real values are
     valid = torch.rand(n, size, generator=g) < 0.9

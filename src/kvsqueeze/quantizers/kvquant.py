@@ -42,7 +42,8 @@ def nonuniform_codes(unit: torch.Tensor, valid: torch.Tensor, n_levels: int, ste
     for _ in range(iterations):
         edges[..., 1:-1] = boundaries(levels)[:, None]
         members, twice_sum = below.gather(2, edges.expand(-1, 2, -1)).diff(dim=-1).unbind(1)
-        fitted = torch.where(members > 0, twice_sum / (2 * steps * members.clamp(min=1)), levels).float().sort(-1).values
+        mean = twice_sum / (2 * steps * members.clamp(min=1))
+        fitted = torch.where(members > 0, mean, levels).float().sort(-1).values
         if torch.equal(fitted, levels):  # a fixed point: further iterations change nothing
             break
         levels = fitted
