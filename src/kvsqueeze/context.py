@@ -10,6 +10,7 @@ scorers share. Everything is computed once per layer, lazily.
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -220,7 +221,9 @@ class Rope:
     """The rotary geometry of a layer in a forward: undo it, or get the model's rotation at any position."""
 
     def __init__(self, ctx: LayerContext):
-        self.ctx = ctx
+        # a proxy: the context holds its Rope, and a cycle would keep every layer's queries and states alive
+        # until Python's cycle collector ran (hundreds of MiB over a prefill)
+        self.ctx = weakref.proxy(ctx)
 
     def unrotate(self, states: torch.Tensor) -> torch.Tensor:
         """`states` [batch, heads, new, dim] of this forward's tokens before the rotary embedding (its inverse)."""
