@@ -98,7 +98,8 @@ def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
     within each 256-token chunk, without the causal mask), "output_projection" (every
     layer's o_proj over the context), "second_forward" (the context forwarded again after itself, on a cache
     holding it), "short_forward" (eight new tokens forwarded after the context, on a cache holding it: every
-    weight read once more) or "backward" (what gradients add to that forward: its recording for autograd and its
+    weight read once more), "surrogate" (an MLP of KVzap's shape, hidden size -> 512 -> KV heads, over the
+    context's hidden states in every layer) or "backward" (what gradients add to that forward: its recording for autograd and its
     backward, to the activations: the weights frozen)."""
     modules = attention_modules(model)
     config = model.config.get_text_config()
@@ -140,13 +141,21 @@ def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
             forward = time.perf_counter() - start
             return forward + timed(hidden.pow(2).sum().backward) if with_gradients else forward
 
+    def surrogate():  # KVzap's MLP shape: hidden -> 512 (GELU) -> one score per KV head, every layer
+        states = torch.randn(1, n, config.hidden_size)
+        nets = [torch.nn.Sequential(torch.nn.Linear(config.hidden_size, 512), torch.nn.GELU(),
+                                    torch.nn.Linear(512, kv_heads)) for _ in modules]
+        with torch.no_grad():
+            return timed(lambda: [net(states) for net in nets])
+
     def backward():  # what gradients add to that forward: recording it for autograd, and the backward
         without = second_forward()
         settle()
         return second_forward(with_gradients=True) - without
 
     once = {"attention": attention, "chunk_attention": chunk_attention, "output_projection": output_projection,
-            "second_forward": second_forward, "short_forward": short_forward, "backward": backward}[kind]
+            "second_forward": second_forward, "short_forward": short_forward, "surrogate": surrogate,
+            "backward": backward}[kind]
     seconds = []
     for _ in range(reps):
         settle()
@@ -268,7 +277,8 @@ resident memory the prefill+compress added at its peak (both at the shortest len
 (the bound is shown beside its ratio): *attention* is the model's attention over the context in every layer,
 *chunk_attention* the same within each 256-token chunk without the causal mask, *output_projection* every layer's
 o_proj over the context, *second_forward* the context forwarded again after itself on a cache holding it,
-*short_forward* eight new tokens forwarded after the context (every weight read once more), *backward* what
+*short_forward* eight new tokens forwarded after the context (every weight read once more), *surrogate* an MLP of
+KVzap's shape (hidden size -> 512 -> KV heads) over the context's hidden states in every layer, *backward* what
 gradients add to that forward (recording it, and its backward).
 Methods that need calibration run with untrained tables or modules of the right shape, which cost what trained
 ones cost. A method that reads the attention weights (ObservedAttention) runs, as do
