@@ -225,11 +225,12 @@ class Rope:
         # until Python's cycle collector ran (hundreds of MiB over a prefill)
         self.ctx = weakref.proxy(ctx)
 
-    def unrotate(self, states: torch.Tensor) -> torch.Tensor:
-        """`states` [batch, heads, new, dim] of this forward's tokens before the rotary embedding (its inverse)."""
+    def unrotate(self, states: torch.Tensor, tokens: slice = slice(None)) -> torch.Tensor:
+        """`states` [batch, heads, new, dim] of this forward's tokens (or of those in `tokens`) before the rotary
+        embedding (its inverse)."""
         if self.ctx.position_embeddings is None:
             raise RuntimeError(f"{type(self.ctx.module).__name__} gets no rotary position embeddings from its caller")
-        cos, sin = (t.unsqueeze(1).to(states.dtype) for t in self.ctx.position_embeddings)
+        cos, sin = (t[:, tokens].unsqueeze(1).to(states.dtype) for t in self.ctx.position_embeddings)
         return rotate(states, cos, -sin)  # x cos - rotate_half(x) sin
 
     @cached_property

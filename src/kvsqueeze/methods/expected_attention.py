@@ -27,21 +27,28 @@ def sinks(ctx: LayerContext, n_sink: int) -> tuple[torch.Tensor, torch.Tensor]:
     return n, (rank >= 0) & (rank < n)
 
 
-def context_queries(ctx: LayerContext, n_sink: torch.Tensor, covariance: bool = False
+def context_queries(ctx: LayerContext, n_sink: torch.Tensor, covariance: bool = False, chunk: int = 256
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(mean [batch, heads, d], with `covariance` their covariance [batch, heads, d, d], else None) of this
-    forward's pre-RoPE queries, the real ones past the sinks."""
+    forward's pre-RoPE queries, the real ones past the sinks. Summed `chunk` queries at a time: each chunk is
+    un-rotated into a small buffer that stays in cache, never a fresh copy of all the queries."""
     counted = (ctx.rank[:, 0, -ctx.n_new:] >= n_sink[:, 0]).float()  # [batch, new]
     if ctx.new_real is not None:
         counted = counted * ctx.new_real.float()
-    queries, weights = ctx.rope.queries.float(), counted[:, None, :, None]
-    weighted = queries * weights
+    batch, heads, new, dim = ctx.queries.shape
+    total = torch.zeros(batch, heads, dim, device=ctx.queries.device)
+    second_moment = torch.zeros(batch, heads, dim, dim, device=ctx.queries.device) if covariance else None
+    for start in range(0, new, chunk):
+        tokens = slice(start, start + chunk)
+        queries = ctx.rope.unrotate(ctx.queries[:, :, tokens].float(), tokens).mul_(counted[:, None, tokens, None])
+        total += queries.sum(2)
+        if covariance:  # the queries not counted are zero: q'q sums over the counted ones
+            second_moment += queries.transpose(-1, -2) @ queries
     count = counted.sum(-1).clamp(min=1)[:, None, None]
-    mean = weighted.sum(2) / count
+    mean = total / count
     if not covariance:
         return mean, None
-    second_moment = weighted.transpose(-1, -2) @ queries / count[..., None]  # E[q q'] over the counted queries
-    return mean, second_moment - mean[..., :, None] * mean[..., None, :]
+    return mean, second_moment / count[..., None] - mean[..., :, None] * mean[..., None, :]
 
 
 def future_rotation(ctx: LayerContext, n_future_positions: int) -> torch.Tensor:
