@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import kvsqueeze
 from kvsqueeze.ragged import ragged_attention
 from kvsqueeze.quantizers import GEAR, KIVI, KVQuant, quantizer
-from kvsqueeze.quantizers.base import pack_bits, unpack_bits
+from kvsqueeze.quantizers.base import largest_entries, pack_bits, unpack_bits
 from kvsqueeze.quantizers.kvquant import nonuniform_codes
 from kvsqueeze.ragged import RaggedLayer
 from conftest import cached, output_cache, random_ids, tiny_model
@@ -33,6 +33,18 @@ def test_bit_packing_round_trips_in_the_promised_bytes(bits, n, seed):
     packed = pack_bits(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape[-1] == -(-n * bits // 8)
     assert torch.equal(unpack_bits(packed, bits, n).long(), codes)
+
+
+@given(m=st.sampled_from([16, 40, 64, 4096]), count=st.integers(1, 100), levels=st.sampled_from([3, 50, 10**6]),
+       seed=st.integers(0, 999))
+def test_the_largest_entries_found_in_the_largest_blocks_are_the_largest_of_the_row(m, count, levels, seed):
+    """Whatever the row length, count and number of distinct values (few: many ties), the entries found are
+    distinct positions holding the same values as a top-k over the whole row."""
+    count = min(count, m)
+    x = torch.randint(0, levels, (3, m), generator=torch.Generator().manual_seed(seed)).float()
+    found = largest_entries(x, count)
+    assert found.shape == (3, count) and all(len(set(row.tolist())) == count for row in found)
+    assert torch.equal(x.gather(1, found).sort(-1).values, x.topk(count, dim=-1).values.sort(-1).values)
 
 
 @settings(max_examples=40, deadline=None)

@@ -214,6 +214,21 @@ def codes_at(packed: torch.Tensor, bits: int, token: torch.Tensor, channel: torc
     return (packed.flatten(1).gather(1, byte) >> shift) & (2 ** bits - 1)
 
 
+def largest_entries(x: torch.Tensor, count: int, block: int = 8) -> torch.Tensor:
+    """Positions of the `count` largest entries of each row of `x` [n, m] (in no particular order; among equal
+    values at the boundary, any). They lie in the `count` blocks of `block` entries with the largest maxima (an
+    entry outside them would have `count` blocks' maxima at least as large above it), so only those are searched:
+    half the time of a top-k over whole rows of a 64 x 64 page."""
+    n, m = x.shape
+    if m % block or count * block >= m:
+        return x.topk(count, dim=-1, sorted=False).indices
+    blocks = x.view(n, m // block, block)
+    chosen = blocks.amax(-1).topk(count, dim=-1, sorted=False).indices  # [n, count]
+    candidates = blocks.gather(1, chosen[..., None].expand(-1, -1, block)).flatten(1)
+    positions = (chosen[..., None] * block + torch.arange(block, device=x.device)).flatten(1)
+    return positions.gather(1, candidates.topk(count, dim=-1, sorted=False).indices)
+
+
 def split_outliers(x: torch.Tensor, valid: torch.Tensor, fraction: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Set the `fraction` of each page's `valid` entries of `x` [n, page, dim] largest in magnitude apart.
 
@@ -226,7 +241,7 @@ def split_outliers(x: torch.Tensor, valid: torch.Tensor, fraction: float) -> tup
     if count == 0:
         return valid, {}
     magnitude = x.abs().masked_fill(~valid, -1).reshape(n, page * dim)
-    position = magnitude.topk(count, dim=-1).indices
+    position = largest_entries(magnitude, count)
     values = x.reshape(n, page * dim).gather(-1, position)
     dense = valid.expand(n, page, dim).reshape(n, page * dim).scatter(-1, position, False).view(n, page, dim)
     index_dtype = torch.int16 if page * dim <= 2 ** 15 else torch.int32
