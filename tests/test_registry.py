@@ -113,3 +113,16 @@ def test_a_wrapper_has_the_extra_work_of_what_it_wraps():
     assert kvsqueeze.AdaKV(scorer=kvsqueeze.KNorm()).inherent_work() == ()
     assert kvsqueeze.Composed([kvsqueeze.H2O(), kvsqueeze.CriticalKV(), "kvgrad"]).inherent_work() == (
         "attention", "output_projection", "second_forward", "backward")
+
+
+def test_a_cost_row_is_bounded_by_the_extra_work_measured_in_its_own_run(tmp_path):
+    """Rows of several runs stand in one table: each carries the extra work measured beside its own baseline, and a
+    later run's measurement of that work (on a machine of another speed) does not move its bound."""
+    row = {"length": 2048, "config": "h2o", "extra_work": ["attention"], "extra_work_s": {"attention": 1.2},
+           "prefill_s": 3.2, "plain_prefill_s": 2.0, "prefill_ratio": 1.6, "peak_mib": 1, "bytes_share": 0.5,
+           "decode_ratio": 1.0}
+    later = {"length": 2048, "config": "extra_work:attention", "seconds": 0.1}
+    path = tmp_path / "cost.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (row, later)) + "\n")
+    text = method_cost().table(str(path), None)
+    assert "1.60x (≤ 1.84x)" in text and "over" not in text
