@@ -308,11 +308,12 @@ def table(path: str, figure: str | None) -> str:
             + " | ".join(f"decode {n:,}" for n in lengths) + f" | bytes held | peak MiB ({lengths[0]:,}) |")
     lines = [head, "|---|---|" + "---|" * (2 * len(lengths) + 2)]
     ratio = lambda r, key: "—" if r is None else "error" if "error" in r else f"{r[key]:.2f}x"
+    allowed = lambda r: bound(r, r.get("extra_work_s") or extra.get(r["length"], {}))  # older rows: the run's, by length
 
     def prefill(r):  # the ratio, its bound where the method has extra work, and whether it is over
         if r is None or "error" in r:
             return ratio(r, "prefill_ratio")
-        limit = bound(r, r.get("extra_work_s") or extra.get(r["length"], {}))  # older rows: the run's, by length
+        limit = allowed(r)
         shown = f"{r['prefill_ratio']:.2f}x" + (f" (≤ {limit:.2f}x)" if r.get("extra_work") else "")
         return shown + (" **over**" if r["prefill_ratio"] > limit else "")
 
@@ -335,7 +336,7 @@ def table(path: str, figure: str | None) -> str:
             values = [cell.get((n, c), {}).get("prefill_ratio", float("nan")) for c in configs]
             ax.bar([j + i * width for j in range(len(configs))], values, width, label=f"{n:,} tokens")
         ax.axhline(1.10, color="black", linestyle="--", linewidth=0.8, label="1.10x")
-        limits = [(j, bound(cell[lengths[0], c], extra.get(lengths[0], {}))) for j, c in enumerate(configs)
+        limits = [(j, allowed(cell[lengths[0], c])) for j, c in enumerate(configs)
                   if cell.get((lengths[0], c), {}).get("extra_work")]
         if limits:
             ax.scatter(*zip(*limits), marker="_", s=120, color="black",
