@@ -24,11 +24,14 @@ def nonuniform_codes(unit: torch.Tensor, valid: torch.Tensor, n_levels: int, ste
     binned = (unit.reshape(n, -1) * steps).clamp_(0, steps - 1).long()  # the step of each value
     binned.masked_fill_(~valid.expand_as(unit).reshape(n, -1), steps)  # the invalid: an extra step, left out
     binned = (binned + torch.arange(0, n * (steps + 1), steps + 1, device=device)[:, None]).flatten()  # page by page
-    histogram = torch.zeros(n * (steps + 1), dtype=torch.long, device=device).scatter_add_(
-        0, binned, torch.ones(1, dtype=torch.long, device=device).expand_as(binned)).view(n, steps + 1)[:, :steps]
-    twice_centre = torch.arange(1, 2 * steps, 2, device=device)  # of each step, in steps: exact integers
-    # [n, 2, steps + 1]: how many valid values lie below each step, and twice their sum in steps
-    below = torch.nn.functional.pad(torch.stack([histogram, histogram * twice_centre], 1).cumsum(-1), (1, 0))
+    histogram = torch.zeros(n * (steps + 1), dtype=torch.int32, device=device).scatter_add_(
+        0, binned, torch.ones(1, dtype=torch.int32, device=device).expand_as(binned)).view(n, steps + 1)[:, :steps]
+    twice_centre = torch.arange(1, 2 * steps, 2, dtype=torch.int32, device=device)  # of each step, in steps
+    # [n, 2, steps + 1]: how many valid values lie below each step, and twice their sum in steps (int32 holds
+    # them: at most page values x 2 * steps), each prefix sum written in place
+    below = torch.zeros(n, 2, steps + 1, dtype=torch.int32, device=device)
+    torch.cumsum(histogram, -1, out=below[:, 0, 1:])
+    torch.cumsum(histogram * twice_centre, -1, out=below[:, 1, 1:])
     total = below[:, 0, -1:]
     rank = torch.linspace(0, 1, n_levels, device=device, dtype=torch.double)[None, :] * (total.clamp(min=1) - 1)
     levels = (torch.searchsorted(below[:, 0, 1:].contiguous(), rank.round().long(), right=True) + 0.5) / steps
