@@ -136,6 +136,14 @@ def test_kvquant_codes_each_value_to_its_nearest_level_within_a_grid_step(n, siz
     assert bool((chosen <= distance.amin(-1) + 1 / 1024 + 1e-6)[valid].all())
 
 
+def test_kvquant_fits_a_page_whose_sums_pass_int32():
+    """2**21 equal values near the top of the range: twice their sum in grid steps passes 2**31, and every level
+    still sits on them (the sums are kept in int64 for such pages; in int32 one level went to -0.0005)."""
+    page = torch.full((1, 2 ** 21), 0.9995)
+    levels, _ = nonuniform_codes(page, torch.ones_like(page, dtype=torch.bool), 16)
+    torch.testing.assert_close(levels, torch.full((1, 16), 0.9995), atol=1 / 1024, rtol=0)
+
+
 def test_gear_low_rank_correction_lowers_the_error():
     x = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(2))
     x = x + torch.randn(4, 64, 1) @ torch.randn(4, 1, 64) * 3  # a strong low-rank component

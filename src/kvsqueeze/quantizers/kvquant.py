@@ -21,15 +21,17 @@ def nonuniform_codes(unit: torch.Tensor, valid: torch.Tensor, n_levels: int, ste
     from the quantiles, so the levels follow the distribution; stops early where the levels no longer move.
     """
     n, device = unit.shape[0], unit.device
+    # the counts and sums below, at most a page's values x 2 * steps, in int32 where that fits
+    exact = torch.int32 if unit[0].numel() * 2 * steps < 2 ** 31 else torch.long
     binned = (unit.reshape(n, -1) * steps).clamp_(0, steps - 1).long()  # the step of each value
     binned.masked_fill_(~valid.expand_as(unit).reshape(n, -1), steps)  # the invalid: an extra step, left out
     binned = (binned + torch.arange(0, n * (steps + 1), steps + 1, device=device)[:, None]).flatten()  # page by page
-    histogram = torch.zeros(n * (steps + 1), dtype=torch.int32, device=device).scatter_add_(
-        0, binned, torch.ones(1, dtype=torch.int32, device=device).expand_as(binned)).view(n, steps + 1)[:, :steps]
-    twice_centre = torch.arange(1, 2 * steps, 2, dtype=torch.int32, device=device)  # of each step, in steps
-    # [n, 2, steps + 1]: how many valid values lie below each step, and twice their sum in steps (int32 holds
-    # them: at most page values x 2 * steps), each prefix sum written in place
-    below = torch.zeros(n, 2, steps + 1, dtype=torch.int32, device=device)
+    histogram = torch.zeros(n * (steps + 1), dtype=exact, device=device).scatter_add_(
+        0, binned, torch.ones(1, dtype=exact, device=device).expand_as(binned)).view(n, steps + 1)[:, :steps]
+    twice_centre = torch.arange(1, 2 * steps, 2, dtype=exact, device=device)  # of each step, in steps
+    # [n, 2, steps + 1]: how many valid values lie below each step, and twice their sum in steps, each prefix sum
+    # written in place
+    below = torch.zeros(n, 2, steps + 1, dtype=exact, device=device)
     torch.cumsum(histogram, -1, out=below[:, 0, 1:])
     torch.cumsum(histogram * twice_centre, -1, out=below[:, 1, 1:])
     total = below[:, 0, -1:]
