@@ -98,8 +98,8 @@ def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
     within each 256-token chunk, without the causal mask), "output_projection" (every
     layer's o_proj over the context), "second_forward" (the context forwarded again after itself, on a cache
     holding it), "short_forward" (eight new tokens forwarded after the context, on a cache holding it: every
-    weight read once more), "surrogate" (an MLP of KVzap's shape, hidden size -> 512 -> KV heads, over the
-    context's hidden states in every layer) or "backward" (what gradients add to that forward: its recording for autograd and its
+    weight read once more), "surrogate" (KVzap's surrogate at its defaults, untrained, over the context's hidden
+    states in every layer) or "backward" (what gradients add to that forward: its recording for autograd and its
     backward, to the activations: the weights frozen)."""
     modules = attention_modules(model)
     config = model.config.get_text_config()
@@ -141,12 +141,12 @@ def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
             forward = time.perf_counter() - start
             return forward + timed(hidden.pow(2).sum().backward) if with_gradients else forward
 
-    def surrogate():  # KVzap's MLP shape: hidden -> 512 (GELU) -> one score per KV head, every layer
-        states = torch.randn(1, n, config.hidden_size)
-        nets = [torch.nn.Sequential(torch.nn.Linear(config.hidden_size, 512), torch.nn.GELU(),
-                                    torch.nn.Linear(512, kv_heads)) for _ in modules]
+    def surrogate():
+        from kvsqueeze.methods.kvzap import Surrogate
+
+        states, net = torch.randn(1, n, config.hidden_size), Surrogate.for_model(model)
         with torch.no_grad():
-            return timed(lambda: [net(states) for net in nets])
+            return timed(lambda: [net(layer, states) for layer in range(len(modules))])
 
     def backward():  # what gradients add to that forward: recording it for autograd, and the backward
         without = second_forward()
@@ -224,10 +224,11 @@ def run(args):
     question = tokenizer("\n\nWhat is this text about?", add_special_tokens=False, return_tensors="pt").input_ids
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["length"], r["config"]) for r in map(json.loads, out.open())} if out.exists() else set()
+    previous = list(map(json.loads, out.open())) if out.exists() else []
+    done = {(r["length"], r["config"]) for r in previous}
+    extra = {(r["length"], r["config"].split(":", 1)[1]): r["seconds"] for r in previous
+             if r["config"].startswith("extra_work:")}
     only = set(args.only.split(",")) if args.only else None
-    extra = {(r["length"], r["config"].split(":", 1)[1]): r["seconds"] for r in map(json.loads, out.open())
-             if r["config"].startswith("extra_work:")} if out.exists() else {}
     kvsqueeze.compress(model, None, context_ids(tokenizer, 64))  # warm up
     for length in map(int, args.lengths.split(",")):
         ids = context_ids(tokenizer, length)
@@ -273,16 +274,16 @@ method at its defaults, ratio 0.5 where it takes one) divided by the best of as 
 same tokens into a `DynamicCache`, alternated with them in one run, each run starting from a heap whose freed memory
 was given back to the system (as `compress` leaves it): 1.00x is no cost at all (every row carries its own
 plain prefill and full cache, so rows from separate runs, e.g. one per length, stand side by side). **decode**
-is seconds per generated token on the compressed cache over the full cache's (the question and 16 tokens, best of 2, alternated
-with the full cache). **bytes held** is what the cache really holds, as a share of the full cache's; **peak MiB** the
+is seconds per generated token on the compressed cache over the full cache's (the question and 16 tokens, best of
+2, alternated with the full cache). **bytes held** is what the cache really holds, as a share of the full cache's; **peak MiB** the
 resident memory the prefill+compress added at its peak (both at the shortest length). A method with no
 **extra work** by design is held to 1.10x; one whose paper needs more (its docstring's "Inherent cost",
 `Method.extra_work`) to 1.15x of a plain prefill plus that work, measured in the same run at the same length
 (the bound is shown beside its ratio): *attention* is the model's attention over the context in every layer,
 *chunk_attention* the same within each 256-token chunk without the causal mask, *output_projection* every layer's
 o_proj over the context, *second_forward* the context forwarded again after itself on a cache holding it,
-*short_forward* eight new tokens forwarded after the context (every weight read once more), *surrogate* an MLP of
-KVzap's shape (hidden size -> 512 -> KV heads) over the context's hidden states in every layer, *backward* what
+*short_forward* eight new tokens forwarded after the context (every weight read once more), *surrogate* KVzap's
+surrogate (an MLP: hidden size -> 512 -> KV heads) over the context's hidden states in every layer, *backward* what
 gradients add to that forward (recording it, and its backward).
 Methods that need calibration run with untrained tables or modules of the right shape, which cost what trained
 ones cost. A method that reads the attention weights (ObservedAttention) runs, as do
@@ -308,7 +309,8 @@ def table(path: str, figure: str | None) -> str:
             + " | ".join(f"decode {n:,}" for n in lengths) + f" | bytes held | peak MiB ({lengths[0]:,}) |")
     lines = [head, "|---|---|" + "---|" * (2 * len(lengths) + 2)]
     ratio = lambda r, key: "—" if r is None else "error" if "error" in r else f"{r[key]:.2f}x"
-    allowed = lambda r: bound(r, r.get("extra_work_s") or extra.get(r["length"], {}))  # older rows: the run's, by length
+    # the extra work measured beside the row's own baseline (older rows: their run's, by length)
+    allowed = lambda r: bound(r, r.get("extra_work_s") or extra.get(r["length"], {}))
 
     def prefill(r):  # the ratio, its bound where the method has extra work, and whether it is over
         if r is None or "error" in r:

@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import random_ids, tiny_model
+
+import kvsqueeze
+from kvsqueeze.context import LayerContext
 
 SCRIPT = """
 import gc, sys
@@ -44,11 +48,6 @@ def test_a_deleted_context_gives_its_bytes_back(method):
 def test_a_layers_context_is_freed_when_its_layer_is_done(method):
     """No reference cycle keeps a layer's queries and states alive until Python's cycle collector runs: with it
     off, no earlier layer's context is left when the next layer compresses, nor any after the prefill."""
-    from conftest import random_ids, tiny_model
-
-    import kvsqueeze
-    from kvsqueeze.context import LayerContext
-
     def alive() -> int:
         return sum(type(o) is LayerContext for o in gc.get_objects())
 
