@@ -1,9 +1,10 @@
 """A cache layer where every (batch row, KV head) keeps its own number of tokens, and really frees the rest.
 
 Kept tokens are packed in pages of `page_size` tokens: each page belongs to one (batch row, KV head)
-segment, only a segment's last page can be partly empty. Pages make attention over the packed keys a
-batched matrix product (see `ragged_attention`), and waste less than one page per segment,
-which `nbytes()` counts with the index tensors. Tokens that arrive after compression (the question,
+segment; only the last page of what a segment kept, or of what it folded in, can be partly empty. Pages make
+attention over the packed keys a batched matrix product (see `ragged_attention`; a quantized layer's pages are
+decoded for each step into dense keys and values instead, see `decoded_attention`), and waste less than one page
+per segment, which `nbytes()` counts with the index tensors. Tokens that arrive after compression (the question,
 generated tokens) are the same for every head: they go to a dense tail.
 """
 
@@ -176,7 +177,8 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         if call.kwargs.get("softcap") is not None:
             raise NotImplementedError("attention softcapping is not supported on head-wise (ragged) layers")
         scaling = call.kwargs.get("scaling") or call.query.shape[-1] ** -0.5
-        out = ragged_attention(self, call.query, scaling, allowed)
+        attention = ragged_attention if self.quantizer is None else decoded_attention
+        out = attention(self, call.query, scaling, allowed)
         if call.implementation != "eager":
             return out, None
         keys, _, real = self.dense_view()
@@ -194,9 +196,10 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
             channels = self.key_channels.view(self.batch, self.heads, 1, -1).expand(-1, -1, n, -1)
             keys = keys.gather(-1, channels)
         pages_k, pages_v, page_segment, page_fill = self._pack(keys, values, real)
-        self.pages_k, self.pages_v = self.pages_k.cat(pages_k), self.pages_v.cat(pages_v)
-        self.page_segment = torch.cat([self.page_segment, page_segment])
-        self.page_fill = torch.cat([self.page_fill, page_fill])
+        segment = torch.cat([self.page_segment, page_segment])
+        order = torch.argsort(segment, stable=True)  # each segment's pages together, in token order: see `decoded`
+        self.pages_k, self.pages_v = self.pages_k.cat(pages_k)[order], self.pages_v.cat(pages_v)[order]
+        self.page_segment, self.page_fill = segment[order], torch.cat([self.page_fill, page_fill])[order]
         self.lengths = self.lengths + real.sum(-1)
         self.tail_k, self.tail_v = self.tail_k[..., n:, :], self.tail_v[..., n:, :]
         self.token_state = {}  # the dense view is laid out anew
@@ -242,17 +245,69 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
             return self.pages_k, self.pages_v
         return self.pages_k.dequantize(), self.pages_v.dequantize()
 
-    def page_logits(self, queries: torch.Tensor) -> torch.Tensor:
-        """Each page's queries [pages, rows, dim] times its keys: [pages, rows, page_size] in float32."""
-        if self.quantizer is None:
-            return torch.bmm(queries, self.pages_k.transpose(1, 2)).float()
-        return self.pages_k.logits(queries)
+    def decoded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A quantized layer's keys and values for one step, [batch, heads, slots, dim]: each segment's pages
+        decoded into its row of slots (padded to the most pages a segment has), then the tail; with which
+        slots hold tokens ([batch, heads, slots], None: all of them).
 
-    def page_mix(self, weights: torch.Tensor) -> torch.Tensor:
-        """Each page's values weighted by `weights` [pages, rows, page_size] and summed: [pages, rows, dim]."""
-        if self.quantizer is None:
-            return torch.bmm(weights.to(self.pages_v.dtype), self.pages_v).float()
-        return self.pages_v.mix(weights)
+        When the pages are in segment order with as many per segment, they are decoded straight into place;
+        when every segment also holds the same number of tokens, each row is cut after them and the tail (no
+        mask is needed). Otherwise each page is decoded, then copied into its slot.
+        """
+        width, rank, in_place, visible, length = self._layout()
+        keys = self._decode_rows(self.pages_k, self.tail_k, self.key_channels)
+        values = self._decode_rows(self.pages_v, self.tail_v, None)
+        if length is not None:
+            return keys, values, None
+        return keys, values, torch.cat([visible, visible.new_ones(self.batch, self.heads, self.fresh)], -1)
+
+    def _decode_rows(self, pages: QuantizedPages, tail: torch.Tensor, channels: torch.Tensor | None) -> torch.Tensor:
+        """`decoded`'s keys or values: the pages and the tail in rows of slots, [batch, heads, slots, dim]."""
+        width, rank, in_place, _, length = self._layout()
+        slots, fresh, dim = width * self.page_size, self.fresh, tail.shape[-1]
+        out = (torch.empty if in_place else torch.zeros)(self.batch, self.heads, slots + fresh, dim, dtype=tail.dtype,
+                                                           device=tail.device)
+        rows = out[:, :, :slots].unflatten(2, (width, self.page_size)).flatten(0, 1)  # [segments, width, page, dim]
+        if not len(pages):
+            pass
+        elif in_place and channels is None:
+            pages.decode_into(rows)
+        else:
+            decoded = pages.dequantize()
+            if channels is not None:  # ThinK: the pruned channels read as zeros
+                decoded = decoded.new_zeros(*decoded.shape[:2], dim).scatter_(
+                    -1, channels[self.page_segment][:, None, :].expand(-1, self.page_size, -1), decoded)
+            rows[self.page_segment, rank] = decoded
+        start = slots if length is None else length  # the tail overwrites the slots after the tokens
+        out[:, :, start:start + fresh] = tail
+        return out[:, :, :start + fresh]
+
+    def _layout(self):
+        """Where `decoded` puts each page (computed when the pages change): the most pages a segment has, each
+        page's rank in its segment, whether the pages are already in that order, which slots hold tokens, and
+        the tokens per segment when all hold as many in their first slots (else None)."""
+        pages_now = (self.page_segment, self.page_fill, self.lengths)
+        if all(a is b for a, b in zip(getattr(self, "_layout_of", (None,) * 4), pages_now)):
+            return self._layout_of[3]
+        segments, pages = self.batch * self.heads, self.n_pages
+        device = self.page_segment.device
+        counts = torch.bincount(self.page_segment, minlength=segments)
+        width = int(counts.max()) if pages else 0
+        order = torch.argsort(self.page_segment, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(pages, device=device) - (counts.cumsum(0) - counts)[self.page_segment[order]]
+        in_place = pages == segments * width and bool(
+            (self.page_segment * width + rank == torch.arange(pages, device=device)).all())
+        filled = torch.arange(self.page_size, device=device)[None, :] < self.page_fill[:, None]
+        visible = torch.zeros(segments, width, self.page_size, dtype=torch.bool, device=device)
+        visible[self.page_segment, rank] = filled
+        visible = visible.view(self.batch, self.heads, width * self.page_size)
+        lengths = self.lengths.flatten()
+        length = int(lengths[0]) if in_place and lengths.numel() and bool((lengths == lengths[0]).all()) else None
+        if length is not None and not bool(visible[..., :length].all()):
+            length = None
+        self._layout_of = (*pages_now, (width, rank, in_place, visible, length))
+        return self._layout_of[3]
 
     def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys and values [batch, heads, longest + tail, dim], padded, with the mask of real tokens.
@@ -396,7 +451,8 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
 
 
 def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of `query` [batch, heads, q, dim] over a RaggedLayer's pages and dense tail; [batch, q, heads, dim].
+    """Attention of `query` [batch, heads, q, dim] over a RaggedLayer's float pages and dense tail; [batch, q, heads,
+    dim].
 
     Each KV head's segment is attended by the query heads of its group. Pages give batched matrix
     products; a segment's softmax is assembled from per-page maxima and sums (segment-wise softmax),
@@ -429,16 +485,43 @@ def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.
         if layer.key_channels is not None:  # ThinK: the keys kept only some channels; so do the queries
             channels = layer.key_channels[:, None, :].expand(-1, rows, -1)
             queries = queries.gather(-1, channels)
-        page_logits = layer.page_logits(queries[segment])
+        page_logits = torch.bmm(queries[segment], layer.pages_k.transpose(1, 2)).float()
         empty = torch.arange(layer.page_size, device=query.device)[None, :] >= layer.page_fill[:, None]
         page_logits = page_logits.masked_fill_(empty[:, None, :], float("-inf"))
         page_top = page_logits.amax(-1)  # [pages, rows]
         top_all = top.scatter_reduce(0, segment[:, None].expand(-1, rows), page_top, "amax")
         page_weights = (page_logits - top_all[segment][..., None]).exp()  # not in place: amax's backward reads them
-        page_out = layer.page_mix(page_weights)
+        page_out = torch.bmm(page_weights.to(layer.pages_v.dtype), layer.pages_v).float()
         rescale = (top - top_all).exp_()
         total = total.mul_(rescale).index_add_(0, segment, page_weights.sum(-1))
         out = out.mul_(rescale[..., None]).index_add_(0, segment, page_out)
 
     out = (out / total.clamp(min=torch.finfo(total.dtype).tiny)[..., None]).to(query.dtype)  # nothing visible: 0
     return out.view(batch, n_heads, q_len, -1).transpose(1, 2).contiguous()
+
+
+def decoded_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of `query` [batch, heads, q, dim] over a quantized RaggedLayer; [batch, q, heads, dim].
+
+    The layer's pages are decoded for this step into dense keys and values (`RaggedLayer.decoded`), read by one
+    `scaled_dot_product_attention`: a float copy of one layer's kept tokens lives while the layer attends,
+    the cache holds only codes. Empty slots are masked; the new tokens are causal among themselves, and `allowed`
+    ([batch, 1, q or 1, tail], from the model's mask) hides padding in the tail.
+    """
+    batch, n_heads, q_len, _ = query.shape
+    keys, values, visible = layer.decoded()
+    mask = None
+    if visible is not None or q_len > 1 or allowed is not None:
+        kv_len, fresh = keys.shape[2], layer.tail_k.shape[-2]
+        mask = torch.ones(batch, layer.heads, q_len, kv_len, dtype=torch.bool, device=query.device)
+        if visible is not None:
+            mask &= visible[:, :, None, :]
+        tail = mask[..., kv_len - fresh:]
+        if q_len > 1:
+            tail &= torch.ones(q_len, fresh, dtype=torch.bool, device=query.device).tril(fresh - q_len)
+        if allowed is not None:
+            tail &= allowed
+        mask = mask.repeat_interleave(n_heads // layer.heads, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2).contiguous()

@@ -60,14 +60,11 @@ class Quantizer:
         """Pages [n, page_size, dim] in float32."""
         raise NotImplementedError
 
-    def logits(self, tensors: dict[str, torch.Tensor], queries: torch.Tensor, page_size: int, dim: int) -> torch.Tensor:
-        """Each page's queries [n, rows, dim] times its keys: [n, rows, page_size] in float32. Decodes the pages;
-        a quantizer whose codes allow it computes this from the codes, which decoding every step would cost."""
-        return torch.bmm(queries.float(), self.decode(tensors, "keys", page_size, dim).transpose(1, 2))
-
-    def mix(self, tensors: dict[str, torch.Tensor], weights: torch.Tensor, page_size: int, dim: int) -> torch.Tensor:
-        """Each page's values weighted by `weights` [n, rows, page_size] and summed: [n, rows, dim] in float32."""
-        return torch.bmm(weights.float(), self.decode(tensors, "values", page_size, dim))
+    def decode_into(self, tensors: dict[str, torch.Tensor], role: str, out: torch.Tensor) -> torch.Tensor:
+        """Decode into `out` [..., page_size, dim], in its dtype; its leading dimensions hold the pages, in order (a
+        view into a larger buffer will do: attention decodes a layer's pages into its keys and values this way
+        every step). By default, decodes and copies; a quantizer that can write its numbers in place overrides it."""
+        return out.copy_(self.decode(tensors, role, *out.shape[-2:]).view(out.shape))
 
     def describe(self) -> dict:
         return {"bits": self.bits, "group": self.group, "residual": self.residual}
@@ -108,13 +105,9 @@ class QuantizedPages:
             return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         return self.quantizer.decode(self.tensors, self.role, self.page_size, self.dim).to(self.dtype)
 
-    def logits(self, queries: torch.Tensor) -> torch.Tensor:
-        """Queries [n, rows, dim], one row block per page, times the keys of these pages: [n, rows, page_size]."""
-        return self.quantizer.logits(self.tensors, queries, self.page_size, self.dim)
-
-    def mix(self, weights: torch.Tensor) -> torch.Tensor:
-        """Weights [n, rows, page_size] over the values of these pages, summed per page: [n, rows, dim]."""
-        return self.quantizer.mix(self.tensors, weights, self.page_size, self.dim)
+    def decode_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Decode into `out` [..., page_size, dim], whose leading dimensions hold these pages in order."""
+        return self.quantizer.decode_into(self.tensors, self.role, out)
 
     def __getitem__(self, index) -> "QuantizedPages":
         tensors = {name: t[index] for name, t in self.tensors.items()}
@@ -174,44 +167,29 @@ def quantize_uniform(x: torch.Tensor, valid: torch.Tensor, bits: int, dim) -> di
     return {"codes": codes.to(torch.uint8), "scale": scale, "zero": lo}
 
 
-def dequantize_uniform(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return codes.float() * scale.float() + zero.float()
-
-
-def uniform_logits(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                   queries: torch.Tensor) -> torch.Tensor:
-    """Queries [n, rows, dim] times keys stored as packed codes [n, page, dim / (8 // bits)] with a scale and a
-    minimum per (page, channel) ([n, 1, dim]): [n, rows, page], without decoding the keys. Each channel's scale
-    multiplies the query and its minimum adds a constant, so every code is converted and multiplied once."""
+def unpack_into(packed: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
+    """`pack_bits`' codes [..., bytes] written into `out` [..., n] (any dtype): each plane of the bytes goes
+    straight to its positions, with no unpacked uint8 copy in between."""
     per_byte = 8 // bits
-    queries = queries.float()
-    scaled = (queries * scale.float()).unflatten(-1, (-1, per_byte)).permute(3, 0, 1, 2).contiguous()  # by plane
-    out = sum(torch.bmm(part, plane.float().transpose(1, 2)) for part, plane in zip(scaled, code_planes(codes, bits)))
-    return out + (queries * zero.float()).sum(-1, keepdim=True)
+    if out.shape[-1] % per_byte:
+        return out.copy_(unpack_bits(packed, bits, out.shape[-1]))
+    positions = out.unflatten(-1, (-1, per_byte))
+    for i, plane in enumerate(code_planes(packed, bits)):
+        positions[..., i] = plane
+    return out
 
 
-def uniform_mix(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                weights: torch.Tensor) -> torch.Tensor:
-    """Weights [n, rows, page] over values stored as packed codes [n, page, dim / (8 // bits)] with a scale and a
-    minimum per (token, group of channels) ([n, page, groups]), summed per page: [n, rows, dim], without decoding
-    the values. Each token's scale multiplies its weight, its minimum adds the weighted sum of minima."""
-    n, page, groups = scale.shape
-    rows = weights.shape[1]
-    weights = weights.float()
-    # per channel group, the weights times each token's scale: [n * groups, rows, page]
-    scaled = (weights[..., None] * scale.float()[:, None]).permute(0, 3, 1, 2).reshape(n * groups, rows, page)
-    codes = codes.view(n, page, groups, -1).transpose(1, 2).reshape(n * groups, page, -1)
-    planes = [torch.bmm(scaled, plane.float()) for plane in code_planes(codes, bits)]  # channels i, i + per_byte, ...
-    out = torch.stack(planes, -1).view(n, groups, rows, -1).transpose(1, 2)  # channel k * per_byte + plane i
-    return (out + torch.bmm(weights, zero.float())[..., None]).reshape(n, rows, -1)
-
-
-def codes_at(packed: torch.Tensor, bits: int, token: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
-    """The codes at (token, channel) [n, k] of packed codes [n, page, bytes per token] (as uint8)."""
-    per_byte = 8 // bits
-    byte = token * packed.shape[-1] + channel // per_byte
-    shift = ((channel % per_byte) * bits).to(torch.uint8)
-    return (packed.flatten(1).gather(1, byte) >> shift) & (2 ** bits - 1)
+def dequantize_uniform(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                       out: torch.Tensor) -> torch.Tensor:
+    """`quantize_uniform`'s packed codes decoded into `out` [..., page, dim] (leading dimensions: the pages): each
+    code times its scale plus its minimum, given per (page, channel) ([pages, 1, dim]), per token
+    ([pages, page, 1]) or per (token, group of channels) ([pages, page, groups, 1])."""
+    lead = out.shape[:-2]
+    unpack_into(packed.view(*lead, *packed.shape[1:]), bits, out)
+    scale, zero = (t.view(*lead, *t.shape[1:]).to(out.dtype) for t in (scale, zero))
+    grouped = out.unflatten(-1, (scale.shape[-2], -1)) if scale.dim() > out.dim() else out
+    grouped.mul_(scale).add_(zero)
+    return out
 
 
 def largest_entries(x: torch.Tensor, count: int, block: int = 8) -> torch.Tensor:

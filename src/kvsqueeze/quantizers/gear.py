@@ -2,8 +2,7 @@
 
 import torch
 
-from .base import (Quantizer, add_outliers, codes_at, dequantize_uniform, pack_bits, quantize_uniform, split_outliers,
-                   uniform_logits, uniform_mix, unpack_bits)
+from .base import Quantizer, add_outliers, dequantize_uniform, pack_bits, quantize_uniform, split_outliers
 
 
 def low_rank(error: torch.Tensor, rank: int, iterations: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,8 +32,8 @@ class GEAR(Quantizer):
     of every group cost GEAR-4 as much as the prefill itself). Defaults follow the paper: 4 bits, 2% outliers, and
     rank 2 (its ρ = 2% of a 64-token group, rounded up).
 
-    Attention reads the codes without decoding the pages (as KIVI does), adds the low-rank part through its
-    factors (queries times right, times left) and corrects the few outlier entries one by one.
+    Attention decodes a layer's pages each step: codes in place (as KIVI's), plus the low-rank part, then the
+    outliers written over their entries.
     """
 
     name = "gear"
@@ -48,7 +47,7 @@ class GEAR(Quantizer):
     def _encode(self, pages, valid, dim):
         dense, sparse = split_outliers(pages, valid, self.outliers)
         parts = quantize_uniform(pages, dense, self.bits, dim)
-        error = (pages - dequantize_uniform(parts["codes"], parts["scale"], parts["zero"])) * dense
+        error = (pages - (parts["codes"] * parts["scale"].float() + parts["zero"].float())) * dense
         left, right = low_rank(error, min(self.rank, *error.shape[1:]))
         factors = {"left": left.half(), "right": right.half()}
         return {"codes": pack_bits(parts["codes"], self.bits), "scale": parts["scale"], "zero": parts["zero"]
@@ -61,52 +60,10 @@ class GEAR(Quantizer):
         return self._encode(pages, valid, dim=-1)
 
     def decode(self, tensors, role, page_size, dim):
-        codes = unpack_bits(tensors["codes"], self.bits, dim)
-        pages = dequantize_uniform(codes, tensors["scale"], tensors["zero"])
-        pages = pages + tensors["left"].float() @ tensors["right"].float()
+        pages = torch.empty(len(tensors["codes"]), page_size, dim)
+        dequantize_uniform(tensors["codes"], tensors["scale"], tensors["zero"], self.bits, pages)
+        pages.baddbmm_(tensors["left"].float(), tensors["right"].float())
         return add_outliers(pages, tensors)
-
-    def logits(self, tensors, queries, page_size, dim):
-        if dim % (8 // self.bits):
-            return super().logits(tensors, queries, page_size, dim)
-        queries = queries.float()
-        out = uniform_logits(tensors["codes"], tensors["scale"], tensors["zero"], self.bits, queries)
-        out = out + (queries @ tensors["right"].float().transpose(1, 2)) @ tensors["left"].float().transpose(1, 2)
-        if "outlier_values" in tensors:
-            token, channel, change = self._outlier_changes(tensors, "keys", dim)
-            rows = queries.shape[1]
-            seen = queries.gather(-1, channel[:, None].expand(-1, rows, -1)) * change[:, None]
-            out = out.scatter_add(-1, token[:, None].expand(-1, rows, -1), seen)
-        return out
-
-    def mix(self, tensors, weights, page_size, dim):
-        if dim % (8 // self.bits):
-            return super().mix(tensors, weights, page_size, dim)
-        weights = weights.float()
-        out = uniform_mix(tensors["codes"], tensors["scale"], tensors["zero"], self.bits, weights)  # one group per token
-        out = out + (weights @ tensors["left"].float()) @ tensors["right"].float()
-        if "outlier_values" in tensors:
-            token, channel, change = self._outlier_changes(tensors, "values", dim)
-            rows = weights.shape[1]
-            taken = weights.gather(-1, token[:, None].expand(-1, rows, -1)) * change[:, None]
-            out = out.scatter_add(-1, channel[:, None].expand(-1, rows, -1), taken)
-        return out
-
-    def _outlier_changes(self, tensors, role, dim):
-        """Where the outliers are (token, channel: [n, k]) and what each adds to the decoded dense entry there."""
-        position = tensors["outlier_index"].long()
-        token, channel = position // dim, position % dim
-        codes = codes_at(tensors["codes"], self.bits, token, channel).float()
-        if role == "keys":  # a scale and a minimum per channel, or per token
-            scale, zero = tensors["scale"][:, 0].gather(1, channel), tensors["zero"][:, 0].gather(1, channel)
-        else:
-            scale, zero = tensors["scale"][..., 0].gather(1, token), tensors["zero"][..., 0].gather(1, token)
-        left, right = tensors["left"].float(), tensors["right"].float()
-        rank = left.shape[-1]
-        low_rank = (left.gather(1, token[..., None].expand(-1, -1, rank))
-                    * right.transpose(1, 2).gather(1, channel[..., None].expand(-1, -1, rank))).sum(-1)
-        decoded = codes * scale.float() + zero.float() + low_rank
-        return token, channel, tensors["outlier_values"].float() - decoded
 
     def describe(self):
         return super().describe() | {"rank": self.rank, "outliers": self.outliers}

@@ -1,7 +1,8 @@
 """KIVI (Liu et al. 2024, arXiv:2402.02750): keys per channel, values per token, in 2 or 4 bits."""
 
-from .base import (Quantizer, dequantize_uniform, pack_bits, quantize_uniform, uniform_logits, uniform_mix,
-                   unpack_bits)
+import torch
+
+from .base import Quantizer, dequantize_uniform, pack_bits, quantize_uniform
 
 
 class KIVI(Quantizer):
@@ -13,10 +14,8 @@ class KIVI(Quantizer):
 
     Defaults are the paper's: group 32, residual 128 (its Table 5 uses G=32, R=128).
 
-    Attention reads the codes without decoding them, as the paper's fused kernels do: a key channel's scale
-    multiplies the query and its minimum adds a constant to the logits; a value's per-token scale multiplies
-    the attention weight and its minimum adds the weighted sum of minima. So decoding over a quantized cache
-    converts each code to a float once per step and multiplies it once, as a float cache multiplies its numbers.
+    Each step, attention decodes a layer's pages straight into the keys and values it reads (`decode_into`):
+    the paper's fused kernels read the codes without writing them out, which PyTorch alone cannot do.
     """
 
     name = "kivi"
@@ -37,23 +36,10 @@ class KIVI(Quantizer):
         return parts | {"codes": pack_bits(parts["codes"].view(n, page, dim), self.bits)}
 
     def decode(self, tensors, role, page_size, dim):
-        codes = unpack_bits(tensors["codes"], self.bits, dim)
-        if role == "keys":
-            return dequantize_uniform(codes, tensors["scale"], tensors["zero"])
-        n = codes.shape[0]
-        group = self._channel_group(dim)
-        grouped = dequantize_uniform(codes.view(n, page_size, dim // group, group), tensors["scale"], tensors["zero"])
-        return grouped.view(n, page_size, dim)
+        return self.decode_into(tensors, role, torch.empty(len(tensors["codes"]), page_size, dim))
 
-    def logits(self, tensors, queries, page_size, dim):
-        if dim % (8 // self.bits):
-            return super().logits(tensors, queries, page_size, dim)
-        return uniform_logits(tensors["codes"], tensors["scale"], tensors["zero"], self.bits, queries)
-
-    def mix(self, tensors, weights, page_size, dim):
-        if self._channel_group(dim) % (8 // self.bits):
-            return super().mix(tensors, weights, page_size, dim)
-        return uniform_mix(tensors["codes"], tensors["scale"][..., 0], tensors["zero"][..., 0], self.bits, weights)
+    def decode_into(self, tensors, role, out):
+        return dequantize_uniform(tensors["codes"], tensors["scale"], tensors["zero"], self.bits, out)
 
     def _channel_group(self, dim: int) -> int:
         return self.channel_group if dim % self.channel_group == 0 else dim
