@@ -227,8 +227,11 @@ def split_outliers(x: torch.Tensor, valid: torch.Tensor, fraction: float) -> tup
 
 
 def add_outliers(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Write `split_outliers`' sparse part over pages `x` [..., page, dim] (in place; leading dimensions: the pages,
+    each contiguous, as in a view of attention's buffer)."""
     if "outlier_values" not in tensors:
         return x
-    n, page, dim = x.shape
-    position = tensors["outlier_index"].long()
-    return x.reshape(n, -1).scatter(-1, position, tensors["outlier_values"].float()).view(n, page, dim)
+    lead = x.shape[:-2]
+    position = tensors["outlier_index"].long().view(*lead, -1)
+    x.view(*lead, -1).scatter_(-1, position, tensors["outlier_values"].view(*lead, -1).to(x.dtype))
+    return x

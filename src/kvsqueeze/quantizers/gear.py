@@ -60,10 +60,12 @@ class GEAR(Quantizer):
         return self._encode(pages, valid, dim=-1)
 
     def decode(self, tensors, role, page_size, dim):
-        pages = torch.empty(len(tensors["codes"]), page_size, dim)
-        dequantize_uniform(tensors["codes"], tensors["scale"], tensors["zero"], self.bits, pages)
-        pages.baddbmm_(tensors["left"].float(), tensors["right"].float())
-        return add_outliers(pages, tensors)
+        return self.decode_into(tensors, role, torch.empty(len(tensors["codes"]), page_size, dim))
+
+    def decode_into(self, tensors, role, out):
+        dequantize_uniform(tensors["codes"], tensors["scale"], tensors["zero"], self.bits, out)
+        out += (tensors["left"].float() @ tensors["right"].float()).view(out.shape)
+        return add_outliers(out, tensors)
 
     def describe(self):
         return super().describe() | {"rank": self.rank, "outliers": self.outliers}

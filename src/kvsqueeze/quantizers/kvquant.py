@@ -95,10 +95,14 @@ class KVQuant(Quantizer):
         return self._encode(pages, valid, normalize_dim=-1)
 
     def decode(self, tensors, role, page_size, dim):
+        return self.decode_into(tensors, role, torch.empty(len(tensors["codes"]), page_size, dim))
+
+    def decode_into(self, tensors, role, out):
+        lead, (page_size, dim) = out.shape[:-2], out.shape[-2:]
         codes = unpack_bits(tensors["codes"], self.bits, dim).long()
-        levels = tensors["levels"].float()
-        unit = levels.gather(1, codes.flatten(1)).view(codes.shape)
-        return add_outliers(unit * tensors["span"].float() + tensors["zero"].float(), tensors)
+        unit = tensors["levels"].float().gather(1, codes.flatten(1)).view(*lead, page_size, dim)
+        span, zero = (tensors[name].view(*lead, *tensors[name].shape[1:]).float() for name in ("span", "zero"))
+        return add_outliers(torch.addcmul(zero, unit, span, out=out), tensors)
 
     def describe(self):
         return super().describe() | {"outliers": self.outliers}
