@@ -99,8 +99,9 @@ def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
     layer's o_proj over the context), "second_forward" (the context forwarded again after itself, on a cache
     holding it), "short_forward" (eight new tokens forwarded after the context, on a cache holding it: every
     weight read once more), "surrogate" (KVzap's surrogate at its defaults, untrained, over the context's hidden
-    states in every layer) or "backward" (what gradients add to that forward: its recording for autograd and its
-    backward, to the activations: the weights frozen)."""
+    states in every layer), "similarity" (half the context's keys against the other half in every layer and KV head,
+    and the largest of each row: Merging's evicted x kept cosines at ratio 0.5) or "backward" (what gradients add
+    to that forward: its recording for autograd and its backward, to the activations: the weights frozen)."""
     modules = attention_modules(model)
     config = model.config.get_text_config()
     heads, kv_heads, n = config.num_attention_heads, config.num_key_value_heads, ids.shape[1]
@@ -148,6 +149,11 @@ def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
         with torch.no_grad():
             return timed(lambda: [net(layer, states) for layer in range(len(modules))])
 
+    def similarity():  # into one buffer: the products, not the fresh pages of a new matrix per layer
+        evicted, kept = torch.randn(1, kv_heads, n // 2, dim), torch.randn(1, kv_heads, n - n // 2, dim)
+        products = torch.empty(1, kv_heads, n // 2, n - n // 2)
+        return timed(lambda: [torch.matmul(evicted, kept.transpose(-1, -2), out=products).max(-1) for _ in modules])
+
     def backward():  # what gradients add to that forward: recording it for autograd, and the backward
         without = second_forward()
         settle()
@@ -155,6 +161,7 @@ def extra_work_seconds(model, ids, kind: str, reps: int) -> float:
 
     once = {"attention": attention, "chunk_attention": chunk_attention, "output_projection": output_projection,
             "second_forward": second_forward, "short_forward": short_forward, "surrogate": surrogate,
+            "similarity": similarity,
             "backward": backward}[kind]
     seconds = []
     for _ in range(reps):
@@ -283,8 +290,9 @@ resident memory the prefill+compress added at its peak (both at the shortest len
 *chunk_attention* the same within each 256-token chunk without the causal mask, *output_projection* every layer's
 o_proj over the context, *second_forward* the context forwarded again after itself on a cache holding it,
 *short_forward* eight new tokens forwarded after the context (every weight read once more), *surrogate* KVzap's
-surrogate (an MLP: hidden size -> 512 -> KV heads) over the context's hidden states in every layer, *backward* what
-gradients add to that forward (recording it, and its backward).
+surrogate (an MLP: hidden size -> 512 -> KV heads) over the context's hidden states in every layer, *similarity*
+half the context's keys against the other half in every layer and KV head and each row's largest (Merging's
+evicted x kept cosines), *backward* what gradients add to that forward (recording it, and its backward).
 Methods that need calibration run with untrained tables or modules of the right shape, which cost what trained
 ones cost. A method that reads the attention weights (ObservedAttention) runs, as do
 its plain prefill and full cache, under eager attention, the only one that returns them.

@@ -38,7 +38,8 @@ class Method:
       within each chunk of the context, without the causal mask), "output_projection" (the
       values through the output projection once more), "second_forward" (the context forwarded again after
       itself, on a fork of the cache), "short_forward" (a few tokens of its own forwarded after the context),
-      "surrogate" (a small network over every layer's hidden states: KVzap's MLP), "backward" (what gradients add
+      "surrogate" (a small network over every layer's hidden states: KVzap's MLP), "similarity" (every evicted
+      key against every kept key of its head, and the most similar: Merging), "backward" (what gradients add
       to that forward: recording it, and its backward). `benchmarks/method_cost.py`
       measures each and holds the method to 1.15x a plain prefill plus them (1.10x a plain prefill when there is
       none).
