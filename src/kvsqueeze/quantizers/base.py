@@ -127,8 +127,11 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = -codes.shape[-1] % per_byte
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
-    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.uint8) * bits
-    return (codes.view(*codes.shape[:-1], -1, per_byte) << shifts).sum(-1, dtype=torch.uint8)
+    planes = codes.unflatten(-1, (-1, per_byte)).unbind(-1)  # plane i: the codes i, i + per_byte, ...
+    packed = planes[0].clone()
+    for i, plane in enumerate(planes[1:], 1):
+        packed |= plane << (bits * i)
+    return packed
 
 
 def code_planes(packed: torch.Tensor, bits: int) -> list[torch.Tensor]:
@@ -218,7 +221,10 @@ def split_outliers(x: torch.Tensor, valid: torch.Tensor, fraction: float) -> tup
     count = max(1, math.ceil(fraction * page * dim)) if fraction > 0 else 0
     if count == 0:
         return valid, {}
-    magnitude = x.abs().masked_fill(~valid, -1).reshape(n, page * dim)
+    magnitude = x.abs()
+    if not bool(valid.all()):
+        magnitude.masked_fill_(~valid, -1)
+    magnitude = magnitude.reshape(n, page * dim)
     position = largest_entries(magnitude, count)
     values = x.reshape(n, page * dim).gather(-1, position)
     dense = valid.expand(n, page, dim).reshape(n, page * dim).scatter(-1, position, False).view(n, page, dim)
