@@ -513,14 +513,16 @@ def decoded_attention(layer, query: torch.Tensor, scaling: float, allowed: torch
     mask = None
     if visible is not None or q_len > 1 or allowed is not None:
         kv_len, fresh = keys.shape[2], layer.tail_k.shape[-2]
-        mask = torch.ones(batch, layer.heads, q_len, kv_len, dtype=torch.bool, device=query.device)
-        if visible is not None:
-            mask &= visible[:, :, None, :]
-        tail = mask[..., kv_len - fresh:]
-        if q_len > 1:
-            tail &= torch.ones(q_len, fresh, dtype=torch.bool, device=query.device).tril(fresh - q_len)
-        if allowed is not None:
-            tail &= allowed
+        if visible is None:
+            visible = torch.ones(batch, layer.heads, kv_len, dtype=torch.bool, device=query.device)
+        mask = visible[:, :, None, :].expand(-1, -1, q_len, -1)
+        if q_len > 1 or allowed is not None:
+            mask = mask.clone()
+            tail = mask[..., kv_len - fresh:]
+            if q_len > 1:
+                tail &= torch.ones(q_len, fresh, dtype=torch.bool, device=query.device).tril(fresh - q_len)
+            if allowed is not None:
+                tail &= allowed
         mask = mask.repeat_interleave(n_heads // layer.heads, dim=1)
     out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
                                                            enable_gqa=True)
