@@ -41,6 +41,7 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
     saved_tensors = ("pages_k", "pages_v", "page_segment", "page_fill", "lengths", "tail_k", "tail_v", "key_channels",
                      "fresh_valid", "pads")
     saved_numbers = ("peak_bytes", "seen", "page_size", "batch", "heads", "head_dim")
+    _layout_of = None  # the pages' index tensors `_layout` was computed from, and its result
 
     def __init__(self, **kwargs):
         super().__init__()
@@ -287,7 +288,7 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         page's rank in its segment, whether the pages are already in that order, which slots hold tokens, and
         the tokens per segment when all hold as many in their first slots (else None)."""
         pages_now = (self.page_segment, self.page_fill, self.lengths)
-        if all(a is b for a, b in zip(getattr(self, "_layout_of", (None,) * 4), pages_now)):
+        if self._layout_of is not None and all(a is b for a, b in zip(self._layout_of, pages_now)):
             return self._layout_of[3]
         segments, pages = self.batch * self.heads, self.n_pages
         device = self.page_segment.device
