@@ -57,13 +57,15 @@ class Quantizer:
         raise NotImplementedError
 
     def decode(self, tensors: dict[str, torch.Tensor], role: str, page_size: int, dim: int) -> torch.Tensor:
-        """Pages [n, page_size, dim] in float32."""
-        raise NotImplementedError
+        """Pages [n, page_size, dim] in float32. A quantizer implements this or `decode_into`."""
+        first = next(iter(tensors.values()))
+        return self.decode_into(tensors, role, torch.empty(len(first), page_size, dim, device=first.device))
 
     def decode_into(self, tensors: dict[str, torch.Tensor], role: str, out: torch.Tensor) -> torch.Tensor:
         """Decode into `out` [..., page_size, dim], in its dtype; its leading dimensions hold the pages, in order (a
         view into a larger buffer will do: attention decodes a layer's pages into its keys and values this way
-        every step). By default, decodes and copies; a quantizer that can write its numbers in place overrides it."""
+        every step). By default, decodes and copies; a quantizer that can write its numbers in place implements this
+        instead of `decode`."""
         return out.copy_(self.decode(tensors, role, *out.shape[-2:]).view(out.shape))
 
     def describe(self) -> dict:

@@ -59,9 +59,6 @@ class GEAR(Quantizer):
     def encode_values(self, pages, valid):
         return self._encode(pages, valid, dim=-1)
 
-    def decode(self, tensors, role, page_size, dim):
-        return self.decode_into(tensors, role, torch.empty(len(tensors["codes"]), page_size, dim))
-
     def decode_into(self, tensors, role, out):
         dequantize_uniform(tensors["codes"], tensors["scale"], tensors["zero"], self.bits, out)
         out += (tensors["left"].float() @ tensors["right"].float()).view(out.shape)

@@ -1,7 +1,5 @@
 """KIVI (Liu et al. 2024, arXiv:2402.02750): keys per channel, values per token, in 2 or 4 bits."""
 
-import torch
-
 from .base import Quantizer, dequantize_uniform, pack_bits, quantize_uniform
 
 
@@ -34,9 +32,6 @@ class KIVI(Quantizer):
         grouped = pages.view(n, page, dim // group, group)
         parts = quantize_uniform(grouped, valid[..., None], self.bits, dim=-1)  # one scale per (token, channel group)
         return parts | {"codes": pack_bits(parts["codes"].view(n, page, dim), self.bits)}
-
-    def decode(self, tensors, role, page_size, dim):
-        return self.decode_into(tensors, role, torch.empty(len(tensors["codes"]), page_size, dim))
 
     def decode_into(self, tensors, role, out):
         return dequantize_uniform(tensors["codes"], tensors["scale"], tensors["zero"], self.bits, out)

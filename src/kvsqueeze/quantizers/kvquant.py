@@ -94,9 +94,6 @@ class KVQuant(Quantizer):
     def encode_values(self, pages, valid):
         return self._encode(pages, valid, normalize_dim=-1)
 
-    def decode(self, tensors, role, page_size, dim):
-        return self.decode_into(tensors, role, torch.empty(len(tensors["codes"]), page_size, dim))
-
     def decode_into(self, tensors, role, out):
         lead, (page_size, dim) = out.shape[:-2], out.shape[-2:]
         codes = unpack_bits(tensors["codes"], self.bits, dim).long()
