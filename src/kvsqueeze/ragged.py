@@ -246,69 +246,53 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
             return self.pages_k, self.pages_v
         return self.pages_k.dequantize(), self.pages_v.dequantize()
 
-    def decoded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """A quantized layer's keys and values for one step, [batch, heads, slots, dim]: each segment's pages
-        decoded into its row of slots (padded to the most pages a segment has), then the tail; with which
-        slots hold tokens ([batch, heads, slots], None: all of them).
-
-        When the pages are in segment order with as many per segment, they are decoded straight into place;
-        when every segment also holds the same number of tokens, each row is cut after them and the tail (no
-        mask is needed). Otherwise each page is decoded, then copied into its slot.
-        """
-        width, rank, in_place, visible, length = self._layout()
-        keys = self._decode_rows(self.pages_k, self.tail_k, self.key_channels)
-        values = self._decode_rows(self.pages_v, self.tail_v, None)
+    def decoded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """A quantized layer's keys and values for one step, [batch, heads, slots, dim], when every segment has its
+        pages in order and as many of them (no head-wise budget, no ThinK; else None): the pages decoded straight
+        into a row of slots per segment, then the tail; with which slots hold tokens ([batch, heads, slots]). When
+        every segment also holds as many tokens in its first slots, each row is cut after them and the tail
+        written there: no mask at all (None)."""
+        layout = self._layout()
+        if layout is None or self.key_channels is not None:
+            return None
+        width, visible, length = layout
+        keys, values = (self._decode_rows(pages, tail, width, length)
+                        for pages, tail in ((self.pages_k, self.tail_k), (self.pages_v, self.tail_v)))
         if length is not None:
             return keys, values, None
         return keys, values, torch.cat([visible, visible.new_ones(self.batch, self.heads, self.fresh)], -1)
 
-    def _decode_rows(self, pages: QuantizedPages, tail: torch.Tensor, channels: torch.Tensor | None) -> torch.Tensor:
+    def _decode_rows(self, pages: QuantizedPages, tail: torch.Tensor, width: int, length: int | None) -> torch.Tensor:
         """`decoded`'s keys or values: the pages and the tail in rows of slots, [batch, heads, slots, dim]."""
-        width, rank, in_place, _, length = self._layout()
-        slots, fresh, dim = width * self.page_size, self.fresh, tail.shape[-1]
-        out = (torch.empty if in_place else torch.zeros)(self.batch, self.heads, slots + fresh, dim, dtype=tail.dtype,
-                                                           device=tail.device)
-        rows = out[:, :, :slots].unflatten(2, (width, self.page_size)).flatten(0, 1)  # [segments, width, page, dim]
-        if not len(pages):
-            pass
-        elif in_place and channels is None:
-            pages.decode_into(rows)
-        else:
-            decoded = pages.dequantize()
-            if channels is not None:  # ThinK: the pruned channels read as zeros
-                decoded = decoded.new_zeros(*decoded.shape[:2], dim).scatter_(
-                    -1, channels[self.page_segment][:, None, :].expand(-1, self.page_size, -1), decoded)
-            rows[self.page_segment, rank] = decoded
+        slots, fresh = width * self.page_size, self.fresh
+        out = torch.empty(self.batch, self.heads, slots + fresh, tail.shape[-1], dtype=tail.dtype, device=tail.device)
+        if len(pages):
+            pages.decode_into(out[:, :, :slots].unflatten(2, (width, self.page_size)).flatten(0, 1))
         start = slots if length is None else length  # the tail overwrites the slots after the tokens
         out[:, :, start:start + fresh] = tail
         return out[:, :, :start + fresh]
 
-    def _layout(self):
-        """Where `decoded` puts each page (computed when the pages change): the most pages a segment has, each
-        page's rank in its segment, whether the pages are already in that order, which slots hold tokens, and
-        the tokens per segment when all hold as many in their first slots (else None)."""
+    def _layout(self) -> tuple[int, torch.Tensor, int | None] | None:
+        """When the pages are in segment order with as many per segment (computed when they change): the pages per
+        segment, which of its slots hold tokens [batch, heads, slots], and the tokens per segment when all hold
+        as many in their first slots (else None). None when the pages are not so laid out."""
         pages_now = (self.page_segment, self.page_fill, self.lengths)
         if self._layout_of is not None and all(a is b for a, b in zip(self._layout_of, pages_now)):
             return self._layout_of[3]
         segments, pages = self.batch * self.heads, self.n_pages
-        device = self.page_segment.device
-        counts = torch.bincount(self.page_segment, minlength=segments)
-        width = int(counts.max()) if pages else 0
-        order = torch.argsort(self.page_segment, stable=True)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(pages, device=device) - (counts.cumsum(0) - counts)[self.page_segment[order]]
-        in_place = pages == segments * width and bool(
-            (self.page_segment * width + rank == torch.arange(pages, device=device)).all())
-        filled = torch.arange(self.page_size, device=device)[None, :] < self.page_fill[:, None]
-        visible = torch.zeros(segments, width, self.page_size, dtype=torch.bool, device=device)
-        visible[self.page_segment, rank] = filled
-        visible = visible.view(self.batch, self.heads, width * self.page_size)
-        lengths = self.lengths.flatten()
-        length = int(lengths[0]) if in_place and lengths.numel() and bool((lengths == lengths[0]).all()) else None
-        if length is not None and not bool(visible[..., :length].all()):
-            length = None
-        self._layout_of = (*pages_now, (width, rank, in_place, visible, length))
-        return self._layout_of[3]
+        width = pages // segments if segments else 0
+        layout = None
+        if pages == segments * width and torch.equal(
+                self.page_segment, torch.arange(pages, device=self.page_segment.device) // max(width, 1)):
+            filled = torch.arange(self.page_size, device=self.page_fill.device)[None, :] < self.page_fill[:, None]
+            visible = filled.view(self.batch, self.heads, width * self.page_size)
+            lengths = self.lengths.flatten()
+            length = int(lengths[0]) if lengths.numel() and bool((lengths == lengths[0]).all()) else None
+            if length is not None and not bool(visible[..., :length].all()):
+                length = None
+            layout = (width, visible, length)
+        self._layout_of = (*pages_now, layout)
+        return layout
 
     def dense_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys and values [batch, heads, longest + tail, dim], padded, with the mask of real tokens.
@@ -451,9 +435,10 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
                 self.fresh_valid = self.fresh_valid[:, :tokens_to_remove]
 
 
-def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of `query` [batch, heads, q, dim] over a RaggedLayer's float pages and dense tail; [batch, q, heads,
-    dim].
+def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.Tensor | None = None,
+                     pages: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Attention of `query` [batch, heads, q, dim] over a RaggedLayer's pages (float: its own, or `pages`, keys and
+    values decoded from a quantized layer's) and dense tail; [batch, q, heads, dim].
 
     Each KV head's segment is attended by the query heads of its group. Pages give batched matrix
     products; a segment's softmax is assembled from per-page maxima and sums (segment-wise softmax),
@@ -486,13 +471,14 @@ def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.
         if layer.key_channels is not None:  # ThinK: the keys kept only some channels; so do the queries
             channels = layer.key_channels[:, None, :].expand(-1, rows, -1)
             queries = queries.gather(-1, channels)
-        page_logits = torch.bmm(queries[segment], layer.pages_k.transpose(1, 2)).float()
+        pages_k, pages_v = pages or (layer.pages_k, layer.pages_v)
+        page_logits = torch.bmm(queries[segment], pages_k.transpose(1, 2)).float()
         empty = torch.arange(layer.page_size, device=query.device)[None, :] >= layer.page_fill[:, None]
         page_logits = page_logits.masked_fill_(empty[:, None, :], float("-inf"))
         page_top = page_logits.amax(-1)  # [pages, rows]
         top_all = top.scatter_reduce(0, segment[:, None].expand(-1, rows), page_top, "amax")
         page_weights = (page_logits - top_all[segment][..., None]).exp()  # not in place: amax's backward reads them
-        page_out = torch.bmm(page_weights.to(layer.pages_v.dtype), layer.pages_v).float()
+        page_out = torch.bmm(page_weights.to(pages_v.dtype), pages_v).float()
         rescale = (top - top_all).exp_()
         total = total.mul_(rescale).index_add_(0, segment, page_weights.sum(-1))
         out = out.mul_(rescale[..., None]).index_add_(0, segment, page_out)
@@ -504,13 +490,18 @@ def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.
 def decoded_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of `query` [batch, heads, q, dim] over a quantized RaggedLayer; [batch, q, heads, dim].
 
-    The layer's pages are decoded for this step into dense keys and values (`RaggedLayer.decoded`), read by one
-    `scaled_dot_product_attention`: a float copy of one layer's kept tokens lives while the layer attends,
-    the cache holds only codes. Empty slots are masked; the new tokens are causal among themselves, and `allowed`
-    ([batch, 1, q or 1, tail], from the model's mask) hides padding in the tail.
+    The layer's pages are decoded for this step: a float copy of one layer's kept tokens lives while the layer
+    attends, the cache holds only codes. When every head holds as many pages (one budget for all heads), they
+    are decoded into dense keys and values (`RaggedLayer.decoded`) read by one `scaled_dot_product_attention`,
+    empty slots masked, the new tokens causal among themselves and `allowed` ([batch, 1, q or 1, tail], from the
+    model's mask) hiding padding in the tail; else (head-wise budgets, ThinK) the decoded pages are attended
+    as float pages are (`ragged_attention`), padding nothing.
     """
+    decoded = layer.decoded()
+    if decoded is None:
+        return ragged_attention(layer, query, scaling, allowed, pages=layer.page_data())
     batch, n_heads, q_len, _ = query.shape
-    keys, values, visible = layer.decoded()
+    keys, values, visible = decoded
     mask = None
     if visible is not None or q_len > 1 or allowed is not None:
         kv_len, fresh = keys.shape[2], layer.tail_k.shape[-2]
