@@ -167,7 +167,10 @@ def test_contexts_listed_read_and_deleted_and_the_metrics(model, tmp_path):
         ask(server.openai(), second["id"], "Who?", max_tokens=3)
         assert http.get("/v1/models").json()["data"][0]["id"] == MODEL
         assert http.get("/health").json()["status"] == "ok"
-        metrics = http.get("/metrics").text
+        deadline = time.monotonic() + 10  # a batch is counted when its generate returns, which can follow the answer
+        counted = "kvsqueeze_batch_rows_count 1.0"
+        while counted not in (metrics := http.get("/metrics").text) and time.monotonic() < deadline:
+            time.sleep(0.05)
         for line in ['kvsqueeze_requests_total{route="POST /v1/chat/completions",status="200"} 1.0',
                      "kvsqueeze_contexts 1.0", f"kvsqueeze_context_bytes_held {second['bytes_held']}.0",
                      f"kvsqueeze_context_bytes_saved {second['bytes_full'] - second['bytes_held']}.0",
