@@ -249,18 +249,16 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
     def decoded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """A quantized layer's keys and values for one step, [batch, heads, slots, dim], when every segment has its
         pages in order and as many of them (no head-wise budget, no ThinK; else None): the pages decoded straight
-        into a row of slots per segment, then the tail; with which slots hold tokens ([batch, heads, slots]). When
-        every segment also holds as many tokens in its first slots, each row is cut after them and the tail
-        written there: no mask at all (None)."""
+        into a row of slots per segment, then the tail; with which of the pages' slots hold tokens ([batch, heads,
+        page slots]). When every segment also holds as many tokens in its first slots, each row is cut after them
+        and the tail written there: no slot is empty (None)."""
         layout = self._layout()
         if layout is None or self.key_channels is not None:
             return None
         width, visible, length = layout
         keys, values = (self._decode_rows(pages, tail, width, length)
                         for pages, tail in ((self.pages_k, self.tail_k), (self.pages_v, self.tail_v)))
-        if length is not None:
-            return keys, values, None
-        return keys, values, torch.cat([visible, visible.new_ones(self.batch, self.heads, self.fresh)], -1)
+        return keys, values, None if length is not None else visible
 
     def _decode_rows(self, pages: QuantizedPages, tail: torch.Tensor, width: int, length: int | None) -> torch.Tensor:
         """`decoded`'s keys or values: the pages and the tail in rows of slots, [batch, heads, slots, dim]."""
@@ -453,14 +451,10 @@ def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.
     tail_k, tail_v = layer.tail_k.reshape(segments, -1, dim), layer.tail_v.reshape(segments, -1, layer.tail_v.shape[-1])
     logits = torch.bmm(queries, tail_k.transpose(1, 2)).float()
     tail_len = tail_k.shape[1]
-    if q_len > 1:  # the new tokens are causal among themselves (one new token sees the whole tail)
-        new_token = torch.arange(rows, device=query.device) % q_len
-        future = torch.arange(tail_len, device=query.device)[None, :] > (tail_len - q_len + new_token)[:, None]
-        logits = logits.masked_fill(future, float("-inf"))
-    if allowed is not None:
-        group = n_heads // layer.heads
-        allowed = allowed[:, 0][:, None, None].expand(batch, layer.heads, group, q_len, tail_len)
-        logits = logits.masked_fill(~allowed.reshape(segments, rows, tail_len), float("-inf"))
+    visible = tail_visible(q_len, tail_len, allowed, query.device)
+    if visible is not None:
+        visible = visible[:, 0][:, None, None].expand(batch, layer.heads, n_heads // layer.heads, q_len, tail_len)
+        logits = logits.masked_fill(~visible.reshape(segments, rows, tail_len), float("-inf"))
     top = logits.amax(-1).clamp(min=torch.finfo(logits.dtype).min)  # a padding query may see nothing at all
     weights = (logits - top[..., None]).exp()
     total = weights.sum(-1)
@@ -487,6 +481,18 @@ def ragged_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.
     return out.view(batch, n_heads, q_len, -1).transpose(1, 2).contiguous()
 
 
+def tail_visible(q_len: int, fresh: int, allowed: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Which of the tail's `fresh` tokens each of the `q_len` new ones (the tail's last) sees, [batch or 1, 1, q_len,
+    fresh], None where all see all: the new tokens are causal among themselves, and `allowed` ([batch, 1, q or 1,
+    fresh], from the model's mask) hides padding."""
+    visible = None
+    if q_len > 1:
+        visible = torch.ones(q_len, fresh, dtype=torch.bool, device=device).tril(fresh - q_len)[None, None]
+    if allowed is not None:
+        visible = allowed if visible is None else visible & allowed
+    return visible
+
+
 def decoded_attention(layer, query: torch.Tensor, scaling: float, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of `query` [batch, heads, q, dim] over a quantized RaggedLayer; [batch, q, heads, dim].
 
@@ -502,19 +508,14 @@ def decoded_attention(layer, query: torch.Tensor, scaling: float, allowed: torch
         return ragged_attention(layer, query, scaling, allowed, pages=layer.page_data())
     batch, n_heads, q_len, _ = query.shape
     keys, values, visible = decoded
+    fresh = layer.fresh
+    tail = tail_visible(q_len, fresh, allowed, query.device)
     mask = None
-    if visible is not None or q_len > 1 or allowed is not None:
-        kv_len, fresh = keys.shape[2], layer.tail_k.shape[-2]
-        if visible is None:
-            visible = torch.ones(batch, layer.heads, kv_len, dtype=torch.bool, device=query.device)
-        mask = visible[:, :, None, :].expand(-1, -1, q_len, -1)
-        if q_len > 1 or allowed is not None:
-            mask = mask.clone()
-            tail = mask[..., kv_len - fresh:]
-            if q_len > 1:
-                tail &= torch.ones(q_len, fresh, dtype=torch.bool, device=query.device).tril(fresh - q_len)
-            if allowed is not None:
-                tail &= allowed
+    if visible is not None or tail is not None:
+        ones = lambda *shape: torch.ones(shape, dtype=torch.bool, device=query.device)
+        pages = ones(batch, layer.heads, keys.shape[2] - fresh) if visible is None else visible
+        tail = ones(1, 1, q_len, fresh) if tail is None else tail
+        mask = torch.cat([pages[:, :, None, :].expand(-1, -1, q_len, -1), tail.expand(batch, layer.heads, -1, -1)], -1)
         mask = mask.repeat_interleave(n_heads // layer.heads, dim=1)
     out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
                                                            enable_gqa=True)
