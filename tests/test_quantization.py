@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import kvsqueeze
 from kvsqueeze.ragged import decoded_attention
 from kvsqueeze.quantizers import GEAR, KIVI, KVQuant, quantizer
-from kvsqueeze.quantizers.base import largest_entries, pack_bits, unpack_bits
+from kvsqueeze.quantizers.base import largest_magnitudes, masked_range, pack_bits, unpack_bits
 from kvsqueeze.quantizers.kvquant import nonuniform_codes
 from kvsqueeze.ragged import RaggedLayer
 from conftest import cached, output_cache, random_ids, tiny_model
@@ -37,14 +37,33 @@ def test_bit_packing_round_trips_in_the_promised_bytes(bits, n, seed):
 
 @given(m=st.sampled_from([16, 40, 64, 4096]), count=st.integers(1, 100), levels=st.sampled_from([3, 50, 10**6]),
        seed=st.integers(0, 999))
-def test_the_largest_entries_found_in_the_largest_blocks_are_the_largest_of_the_row(m, count, levels, seed):
-    """Whatever the row length, count and number of distinct values (few: many ties), the entries found are
-    distinct positions holding the same values as a top-k over the whole row."""
+def test_the_largest_magnitudes_found_in_the_largest_blocks_are_the_largest_of_the_row(m, count, levels, seed):
+    """Whatever the row length, count and number of distinct values (few: many ties; of both signs), the entries
+    found are distinct positions holding the same magnitudes as a top-k over the whole row's."""
     count = min(count, m)
-    x = torch.randint(0, levels, (3, m), generator=torch.Generator().manual_seed(seed)).float()
-    found = largest_entries(x, count)
+    x = torch.randint(-levels, levels, (3, m), generator=torch.Generator().manual_seed(seed)).float()
+    found = largest_magnitudes(x, count)
     assert found.shape == (3, count) and all(len(set(row.tolist())) == count for row in found)
-    assert torch.equal(x.gather(1, found).sort(-1).values, x.topk(count, dim=-1).values.sort(-1).values)
+    assert torch.equal(x.abs().gather(1, found).sort(-1).values, x.abs().topk(count, dim=-1).values.sort(-1).values)
+
+
+@settings(max_examples=40, deadline=None)
+@given(dim=st.sampled_from([0, 1, -1]), fill=st.integers(0, 6), outliers=st.integers(0, 12), seed=st.integers(0, 999))
+def test_masked_range_leaves_out_the_empty_slots_and_the_outliers(dim, fill, outliers, seed):
+    """The range of each group over the entries that are held and not set apart, (0, 0) where none is left."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 6, 4, generator=g) * 10
+    valid = (torch.arange(6)[None, :] < torch.tensor([6, fill, 0])[:, None])[..., None]
+    positions = torch.rand(3, 24, generator=g).argsort(-1)[:, :outliers] if outliers else None
+    lo, hi = masked_range(x, valid, dim, positions)
+    kept = valid.expand_as(x).clone()
+    if positions is not None:
+        kept.view(3, -1).scatter_(1, positions, False)
+    expected_lo = x.masked_fill(~kept, float("inf")).amin(dim, keepdim=True)
+    expected_hi = x.masked_fill(~kept, float("-inf")).amax(dim, keepdim=True)
+    none_left = ~kept.any(dim, keepdim=True)
+    assert torch.equal(lo, expected_lo.masked_fill(none_left, 0))
+    assert torch.equal(hi, expected_hi.masked_fill(none_left, 0))
 
 
 def decoded_in_place(pages, width: int, tail: int = 3) -> torch.Tensor:
@@ -149,7 +168,7 @@ def test_kvquant_codes_each_value_to_its_nearest_level_within_a_grid_step(n, siz
 
 def test_kvquant_fits_a_page_whose_sums_pass_int32():
     """2**21 equal values near the top of the range: twice their sum in grid steps passes 2**31, and every level
-    still sits on them (the sums are kept in int64 for such pages; in int32 one level went to -0.0005)."""
+    still sits on them (the sums are kept in int64; in int32 one level went to -0.0005)."""
     page = torch.full((1, 2 ** 21), 0.9995)
     levels, _ = nonuniform_codes(page, torch.ones_like(page, dtype=torch.bool), 16)
     torch.testing.assert_close(levels, torch.full((1, 16), 0.9995), atol=1 / 1024, rtol=0)

@@ -149,26 +149,41 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return torch.stack(code_planes(packed, bits), -1).flatten(-2)[..., :n]
 
 
-def masked_range(x: torch.Tensor, valid: torch.Tensor, dim) -> tuple[torch.Tensor, torch.Tensor]:
-    """(min, max) of x over `dim` among the `valid` entries (0, 0 where none is)."""
-    if bool(valid.all()):  # full pages: one pass, no masked copies
+def masked_range(x: torch.Tensor, valid: torch.Tensor, dim, outliers: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of x [n, ...] over `dim` among the `valid` entries, leaving out those at `outliers` (flat
+    positions in each page, [n, k]; see `split_outliers`); (0, 0) where no entry is left."""
+    full = bool(valid.all())
+    if full and outliers is None:  # one pass, no masked copy
         return torch.aminmax(x, dim=dim, keepdim=True)
-    lo = x.masked_fill(~valid, math.inf).amin(dim, keepdim=True)
-    hi = x.masked_fill(~valid, -math.inf).amax(dim, keepdim=True)
+
+    def left_out_as(bound: float, y: torch.Tensor) -> torch.Tensor:  # y with the entries left out set to `bound`
+        if not full:
+            y.masked_fill_(~valid, bound)
+        if outliers is not None:
+            y.view(len(y), -1).scatter_(1, outliers, bound)
+        return y
+
+    bounded = left_out_as(math.inf, x.clone())  # one copy for both: first the min, then the max
+    lo = bounded.amin(dim, keepdim=True)
+    hi = left_out_as(-math.inf, bounded).amax(dim, keepdim=True)
     empty = torch.isinf(lo)
     return lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
 
 
-def quantize_uniform(x: torch.Tensor, valid: torch.Tensor, bits: int, dim) -> dict[str, torch.Tensor]:
-    """Asymmetric round-to-nearest on 2**bits levels between the min and the max over `dim` (the group).
+def quantize_uniform(x: torch.Tensor, valid: torch.Tensor, bits: int, dim, outliers: torch.Tensor | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """Asymmetric round-to-nearest on 2**bits levels between the min and the max over `dim` (the group) of the
+    `valid` entries that are not `outliers` (see `masked_range`; those others get codes, clamped, that the
+    decoding overwrites or ignores).
 
     Scale and minimum are kept in float16, as KIVI does; codes are unpacked uint8 (packing is the caller's).
     """
-    lo, hi = masked_range(x, valid, dim)
+    lo, hi = masked_range(x, valid, dim, outliers)
     scale = ((hi - lo) / (2 ** bits - 1)).half()
     lo = lo.half()
     safe = scale.float().clamp(min=torch.finfo(torch.float16).tiny)
-    codes = ((x - lo.float()) / safe).round().clamp(0, 2 ** bits - 1)
+    codes = (x - lo.float()).div_(safe).round_().clamp_(0, 2 ** bits - 1)  # in place: one copy of the pages
     return {"codes": codes.to(torch.uint8), "scale": scale, "zero": lo}
 
 
@@ -197,41 +212,41 @@ def dequantize_uniform(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Te
     return out
 
 
-def largest_entries(x: torch.Tensor, count: int, block: int = 8) -> torch.Tensor:
-    """Positions of the `count` largest entries of each row of `x` [n, m] (in no particular order; among equal
-    values at the boundary, any). They lie in the `count` blocks of `block` entries with the largest maxima (an
-    entry outside them would have `count` blocks' maxima at least as large above it), so only those are searched:
-    half the time of a top-k over whole rows of a 64 x 64 page."""
+def largest_magnitudes(x: torch.Tensor, count: int, block: int = 8) -> torch.Tensor:
+    """Positions of the `count` entries largest in magnitude of each row of `x` [n, m] (in no particular order;
+    among equal magnitudes at the boundary, any). The row is split into blocks of `block` entries (block j: the
+    entries j, j + m / block, ...); the entries sought lie in the `count` blocks with the largest magnitudes (an
+    entry outside them would have `count` blocks' at least as large above it), so only those are searched: half
+    the time of a top-k over whole rows of a 64 x 64 page. Each block's magnitude is the larger of its maximum and
+    its negated minimum, reduced across the blocks' entries side by side (no copy of the magnitudes)."""
     n, m = x.shape
     if m % block or count * block >= m:
-        return x.topk(count, dim=-1, sorted=False).indices
-    blocks = x.view(n, m // block, block)
-    chosen = blocks.amax(-1).topk(count, dim=-1, sorted=False).indices  # [n, count]
-    candidates = blocks.gather(1, chosen[..., None].expand(-1, -1, block)).flatten(1)
-    positions = (chosen[..., None] * block + torch.arange(block, device=x.device)).flatten(1)
-    return positions.gather(1, candidates.topk(count, dim=-1, sorted=False).indices)
+        return x.abs().topk(count, dim=-1, sorted=False).indices
+    width = m // block
+    blocks = x.view(n, block, width)
+    magnitude = torch.maximum(blocks.amax(1), blocks.amin(1).neg_())  # [n, width]
+    chosen = magnitude.topk(count, dim=-1, sorted=False).indices  # [n, count]
+    positions = (chosen[:, None, :] + torch.arange(0, m, width, device=x.device)[:, None]).flatten(1)
+    return positions.gather(1, x.gather(1, positions).abs_().topk(count, dim=-1, sorted=False).indices)
 
 
-def split_outliers(x: torch.Tensor, valid: torch.Tensor, fraction: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def split_outliers(x: torch.Tensor, valid: torch.Tensor, fraction: float
+                   ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """Set the `fraction` of each page's `valid` entries of `x` [n, page, dim] largest in magnitude apart.
 
-    Returns where the dense part holds tokens (`valid` [n, page, 1] without those entries, [n, page, dim]: they
-    no longer stretch the ranges the dense part is quantized over, and what the dense part stores there is
-    overwritten on decoding) and the sparse part: float16 values and their flat positions in the page.
+    Returns their flat positions in the page ([n, count], int64; None where the fraction is 0), which the dense
+    part leaves out (they no longer stretch the ranges it is quantized over, and what it stores there is
+    overwritten on decoding), and the sparse part: float16 values and those positions.
     """
     n, page, dim = x.shape
     count = max(1, math.ceil(fraction * page * dim)) if fraction > 0 else 0
     if count == 0:
-        return valid, {}
-    magnitude = x.abs()
-    if not bool(valid.all()):
-        magnitude.masked_fill_(~valid, -1)
-    magnitude = magnitude.reshape(n, page * dim)
-    position = largest_entries(magnitude, count)
+        return None, {}
+    held = x if bool(valid.all()) else x.masked_fill(~valid, 0)  # empty slots: chosen last
+    position = largest_magnitudes(held.reshape(n, page * dim), count)
     values = x.reshape(n, page * dim).gather(-1, position)
-    dense = valid.expand(n, page, dim).reshape(n, page * dim).scatter(-1, position, False).view(n, page, dim)
     index_dtype = torch.int16 if page * dim <= 2 ** 15 else torch.int32
-    return dense, {"outlier_values": values.half(), "outlier_index": position.to(index_dtype)}
+    return position, {"outlier_values": values.half(), "outlier_index": position.to(index_dtype)}
 
 
 def add_outliers(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:

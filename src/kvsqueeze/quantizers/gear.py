@@ -12,11 +12,15 @@ def low_rank(error: torch.Tensor, rank: int, iterations: int = 2) -> tuple[torch
     n, page, dim = error.shape
     if rank == 0:
         return error.new_zeros(n, page, 0), error.new_zeros(n, 0, dim)
-    basis = torch.randn(dim, rank, generator=torch.Generator().manual_seed(0)).to(error.device).expand(n, dim, rank)
-    for _ in range(iterations):
-        left = torch.linalg.qr(error @ basis).Q  # orthonormal columns spanning the error's main directions
-        basis = error.transpose(1, 2) @ left
-    return left, basis.transpose(1, 2)
+    # the products are written so that the error is the contiguous operand: `linear` against one shared start,
+    # then left^T @ error (a rank-wide `@` on either side of a transposed error took 5x as long on a CPU)
+    start = torch.randn(dim, rank, generator=torch.Generator().manual_seed(0)).to(error.device).T
+    left = torch.linalg.qr(torch.nn.functional.linear(error, start)).Q  # orthonormal: the error's main directions
+    right = left.transpose(1, 2) @ error
+    for _ in range(iterations - 1):
+        left = torch.linalg.qr(error @ right.transpose(1, 2)).Q
+        right = left.transpose(1, 2) @ error
+    return left, right
 
 
 class GEAR(Quantizer):
@@ -45,9 +49,12 @@ class GEAR(Quantizer):
         self.rank, self.outliers = rank, outliers
 
     def _encode(self, pages, valid, dim):
-        dense, sparse = split_outliers(pages, valid, self.outliers)
-        parts = quantize_uniform(pages, dense, self.bits, dim)
-        error = (pages - (parts["codes"] * parts["scale"].float() + parts["zero"].float())) * dense
+        outliers, sparse = split_outliers(pages, valid, self.outliers)
+        parts = quantize_uniform(pages, valid, self.bits, dim, outliers)
+        stored = parts["codes"].float().mul_(parts["scale"].float()).add_(parts["zero"].float())
+        error = torch.sub(pages, stored, out=stored).masked_fill_(~valid, 0)
+        if outliers is not None:  # stored apart: no error to correct there
+            error.view(len(error), -1).scatter_(1, outliers, 0)
         left, right = low_rank(error, min(self.rank, *error.shape[1:]))
         factors = {"left": left.half(), "right": right.half()}
         return {"codes": pack_bits(parts["codes"], self.bits), "scale": parts["scale"], "zero": parts["zero"]
@@ -61,7 +68,10 @@ class GEAR(Quantizer):
 
     def decode_into(self, tensors, role, out):
         dequantize_uniform(tensors["codes"], tensors["scale"], tensors["zero"], self.bits, out)
-        out += (tensors["left"].float() @ tensors["right"].float()).view(out.shape)
+        lead = out.shape[:-2]
+        left, right = (tensors[name].view(*lead, *tensors[name].shape[1:]) for name in ("left", "right"))
+        for r in range(left.shape[-1]):  # each rank-one part added in place (a product then a sum: 1.35x as long)
+            out.addcmul_(left[..., r:r + 1], right[..., r:r + 1, :])
         return add_outliers(out, tensors)
 
     def describe(self):

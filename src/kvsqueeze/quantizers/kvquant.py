@@ -10,10 +10,11 @@ def midpoints(levels: torch.Tensor) -> torch.Tensor:
     return (levels[:, 1:] + levels[:, :-1]) / 2
 
 
-def nonuniform_codes(unit: torch.Tensor, valid: torch.Tensor, n_levels: int, steps: int = 1024, iterations: int = 8
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def nonuniform_codes(unit: torch.Tensor, valid: torch.Tensor, n_levels: int, outliers: torch.Tensor | None = None,
+                     steps: int = 1024, iterations: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Per page, `n_levels` sorted levels [n, n_levels] fitted by 1-D k-means (Lloyd) to the `valid` values of
-    `unit` [n, ...] (normalized to [0, 1]), and the code of every value (uint8, its level's index, unit's shape).
+    `unit` [n, ...] (normalized to [0, 1]) that are not at `outliers` (flat positions in each page, [n, k]), and the
+    code of every value (uint8, its level's index, unit's shape).
 
     The values are first placed on a grid of `steps` steps over [0, 1], each at its step's centre (at most half a
     step, 1/2048 of the page's range, away): Lloyd runs on each page's histogram, whose prefix counts give every
@@ -21,41 +22,42 @@ def nonuniform_codes(unit: torch.Tensor, valid: torch.Tensor, n_levels: int, ste
     from the quantiles, so the levels follow the distribution; stops early where the levels no longer move.
     """
     n, device = unit.shape[0], unit.device
-    # the counts and sums below, at most a page's values x 2 * steps, in int32 where that fits
-    exact = torch.int32 if unit[0].numel() * 2 * steps < 2 ** 31 else torch.long
-    binned = (unit.reshape(n, -1) * steps).clamp_(0, steps - 1).long()  # the step of each value
-    binned.masked_fill_(~valid.expand_as(unit).reshape(n, -1), steps)  # the invalid: an extra step, left out
-    binned = (binned + torch.arange(0, n * (steps + 1), steps + 1, device=device)[:, None]).flatten()  # page by page
-    histogram = torch.zeros(n * (steps + 1), dtype=exact, device=device).scatter_add_(
-        0, binned, torch.ones(1, dtype=exact, device=device).expand_as(binned)).view(n, steps + 1)[:, :steps]
-    twice_centre = torch.arange(1, 2 * steps, 2, dtype=exact, device=device)  # of each step, in steps
-    # [n, 2, steps + 1]: how many valid values lie below each step, and twice their sum in steps, each prefix sum
-    # written in place
-    below = torch.zeros(n, 2, steps + 1, dtype=exact, device=device)
-    torch.cumsum(histogram, -1, out=below[:, 0, 1:])
-    torch.cumsum(histogram * twice_centre, -1, out=below[:, 1, 1:])
-    total = below[:, 0, -1:]
+    # each value's step, the left out (not valid, or outliers) at -1, then counted page by page: step s of page i in
+    # bin i * (steps + 1) + s + 1 (bin 0 of each page holds the left out, dropped); int32 where that fits (an int64
+    # copy of every value cost more than the counting)
+    index = torch.int32 if n * (steps + 1) < 2 ** 31 else torch.long
+    step = (unit.reshape(n, -1) * steps).clamp_(0, steps - 1).to(index)
+    step.view(unit.shape).masked_fill_(~valid, -1)
+    if outliers is not None:
+        step.scatter_(1, outliers, -1)
+    step = step.add_(torch.arange(1, n * (steps + 1), steps + 1, dtype=index, device=device)[:, None]).flatten()
+    counts = torch.bincount(step, minlength=n * (steps + 1)).view(n, steps + 1)
+    counts[:, 0] = 0
+    # prefix sums [n, steps + 1], in place: how many values lie on the steps below each, and twice their sum in steps
+    twice_sum = (counts * torch.arange(-1, 2 * steps, 2, device=device)).cumsum_(-1)  # bin b: centre (2b - 1) / 2
+    below = counts.cumsum_(-1)
+    total = below[:, -1:]
     rank = torch.linspace(0, 1, n_levels, device=device, dtype=torch.double)[None, :] * (total.clamp(min=1) - 1)
-    levels = (torch.searchsorted(below[:, 0, 1:].contiguous(), rank.round().long(), right=True) + 0.5) / steps
+    levels = (torch.searchsorted(below, rank.round().long(), right=True) - 0.5) / steps  # below[:, 0] = 0: one more
     levels = levels.masked_fill(total == 0, 0)
 
     def boundaries(levels):  # how many steps have their centre at or below each midpoint (levels are >= 0)
         return (midpoints(levels) * steps + 0.5).long().clamp_(0, steps)
 
-    edges = torch.zeros(n, 1, n_levels + 1, dtype=torch.long, device=device)
-    edges[..., -1] = steps
+    edges = torch.zeros(n, n_levels + 1, dtype=torch.long, device=device)
+    edges[:, -1] = steps
     for _ in range(iterations):
-        edges[..., 1:-1] = boundaries(levels)[:, None]
-        members, twice_sum = below.gather(2, edges.expand(-1, 2, -1)).diff(dim=-1).unbind(1)
-        mean = twice_sum / (2 * steps * members.clamp(min=1))
+        edges[:, 1:-1] = boundaries(levels)
+        members, twice = below.gather(1, edges).diff(dim=-1), twice_sum.gather(1, edges).diff(dim=-1)
+        mean = twice / (2 * steps * members.clamp(min=1))
         fitted = torch.where(members > 0, mean, levels).float().sort(-1).values
         if torch.equal(fitted, levels):  # a fixed point: further iterations change nothing
             break
         levels = fitted
-    # each step's level: how many boundaries lie at or below it
-    level_of_step = torch.zeros(n, steps + 1, dtype=torch.uint8, device=device).scatter_add_(
-        1, boundaries(levels), torch.ones(n, n_levels - 1, dtype=torch.uint8, device=device))
-    return levels, level_of_step.cumsum(-1, dtype=torch.uint8).flatten().gather(0, binned).view(unit.shape)
+    # each bin's level: how many boundaries lie at or below its step
+    level_of_bin = torch.zeros(n, steps + 2, dtype=torch.uint8, device=device).scatter_add_(
+        1, boundaries(levels) + 1, torch.ones(n, n_levels - 1, dtype=torch.uint8, device=device))[:, :steps + 1]
+    return levels, level_of_bin.cumsum(-1, dtype=torch.uint8).flatten().index_select(0, step).view(unit.shape)
 
 
 class KVQuant(Quantizer):
@@ -81,11 +83,11 @@ class KVQuant(Quantizer):
         self.outliers = outliers
 
     def _encode(self, pages, valid, normalize_dim):
-        dense, sparse = split_outliers(pages, valid, self.outliers)
-        lo, hi = masked_range(pages, dense, normalize_dim)
+        outliers, sparse = split_outliers(pages, valid, self.outliers)
+        lo, hi = masked_range(pages, valid, normalize_dim, outliers)
         lo, span = lo.half(), (hi - lo).half()
-        unit = (pages - lo.float()) / span.float().clamp(min=torch.finfo(torch.float16).tiny)
-        levels, codes = nonuniform_codes(unit, dense, 2 ** self.bits)
+        unit = (pages - lo.float()).div_(span.float().clamp(min=torch.finfo(torch.float16).tiny))
+        levels, codes = nonuniform_codes(unit, valid, 2 ** self.bits, outliers)
         return {"codes": pack_bits(codes, self.bits), "levels": levels.half(), "zero": lo, "span": span} | sparse
 
     def encode_keys(self, pages, valid):
