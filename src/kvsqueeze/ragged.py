@@ -252,8 +252,8 @@ class RaggedLayer(CompressibleLayer, CacheLayerMixin):
         into a row of slots per segment, then the tail; with which of the pages' slots hold tokens ([batch, heads,
         page slots]). When every segment also holds as many tokens in its first slots, each row is cut after them
         and the tail written there: no slot is empty (None)."""
-        layout = self._layout()
-        if layout is None or self.key_channels is not None:
+        layout = None if self.key_channels is not None else self._layout()
+        if layout is None:
             return None
         width, visible, length = layout
         keys, values = (self._decode_rows(pages, tail, width, length)

@@ -52,7 +52,9 @@ class GEAR(Quantizer):
         outliers, sparse = split_outliers(pages, valid, self.outliers)
         parts = quantize_uniform(pages, valid, self.bits, dim, outliers)
         stored = parts["codes"].float().mul_(parts["scale"].float()).add_(parts["zero"].float())
-        error = torch.sub(pages, stored, out=stored).masked_fill_(~valid, 0)
+        error = torch.sub(pages, stored, out=stored)
+        if not bool(valid.all()):
+            error.masked_fill_(~valid, 0)
         if outliers is not None:  # stored apart: no error to correct there
             error.view(len(error), -1).scatter_(1, outliers, 0)
         left, right = low_rank(error, min(self.rank, *error.shape[1:]))

@@ -27,7 +27,8 @@ def nonuniform_codes(unit: torch.Tensor, valid: torch.Tensor, n_levels: int, out
     # copy of every value cost more than the counting)
     index = torch.int32 if n * (steps + 1) < 2 ** 31 else torch.long
     step = (unit.reshape(n, -1) * steps).clamp_(0, steps - 1).to(index)
-    step.view(unit.shape).masked_fill_(~valid, -1)
+    if not bool(valid.all()):
+        step.view(unit.shape).masked_fill_(~valid, -1)
     if outliers is not None:
         step.scatter_(1, outliers, -1)
     step = step.add_(torch.arange(1, n * (steps + 1), steps + 1, dtype=index, device=device)[:, None]).flatten()
