@@ -2,11 +2,12 @@
 
 For each context length and each registered method (at its defaults, ratio 0.5; calibration-dependent methods
 with the bundled model's shipped tables or untrained modules of the right shape, which cost what trained ones
-cost) and each quantizer alone: the best of 3 prefill+compress times, each alternated with a plain transformers
-prefill of the same tokens into a `DynamicCache` (no kvsqueeze at all), as a ratio; the peak resident memory
-above the memory held before the context; the bytes the cache holds; and seconds per decoded token as a ratio
-of the full cache's (both answering a question with 16 tokens, best of 2, alternated). Rows go to a JSON-lines file (a run resumes where it
-stopped); `--table` writes the markdown table and a figure from them.
+cost) and each quantizer alone: 3 prefill+compress times, each alternated with a plain transformers prefill of the
+same tokens into a `DynamicCache` (no kvsqueeze at all), the median of the pairs' ratios; the peak resident memory
+above the memory held before the context; the bytes the cache holds; and seconds per decoded token as a ratio of
+the full cache's (both answering a question with 16 tokens, 3 alternated pairs, the median ratio). Every run's
+time is kept in the row. Rows go to a JSON-lines file (a run resumes where it stopped); `--table` writes the
+markdown table and a figure from them.
 
     python benchmarks/method_cost.py --lengths 2048,4096,16384 --out results/method_cost.jsonl
     python benchmarks/method_cost.py --table results/method_cost.jsonl --page docs/method-cost.md
@@ -17,6 +18,7 @@ stopped); `--table` writes the markdown table and a figure from them.
 import argparse
 import gc
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -215,14 +217,22 @@ def measured(model, ids, question, method, quant, reps: int, full) -> dict:
         if len(mine) < reps:
             del ctx
     decode, full_decode = [], []
-    for _ in range(2):  # alternated with the full cache, which sees the same machine load
+    for _ in range(reps):  # alternated with the full cache, which sees the same machine load
         full_decode.append(decode_seconds(full, question, None))
         decode.append(decode_seconds(ctx, question, decode_method))
-    decode, full_decode = min(decode), min(full_decode)
-    return {"extra_work": list(method.inherent_work()) if method is not None else [], "prefill_s": min(mine), "plain_prefill_s": min(plain), "prefill_ratio": min(mine) / min(plain),
+    return {"extra_work": list(method.inherent_work()) if method is not None else [],
+            "prefill_s": min(mine), "plain_prefill_s": min(plain), "prefill_ratio": pair_ratio(mine, plain),
+            "prefill_runs_s": mine, "plain_prefill_runs_s": plain,
             "peak_mib": round(peak / 1024, 1), "bytes_held_mib": round(ctx.nbytes() / 2**20, 2),
             "bytes_share": ctx.stats.bytes_held / ctx.stats.bytes_uncompressed if ctx.stats.bytes_uncompressed else 1,
-            "decode_s_per_token": decode, "decode_ratio": decode / full_decode}
+            "decode_s_per_token": min(decode), "decode_ratio": pair_ratio(decode, full_decode),
+            "decode_runs_s": decode, "full_decode_runs_s": full_decode}
+
+
+def pair_ratio(mine: list[float], baseline: list[float]) -> float:
+    """The median of the ratios of alternated pairs: each run over the baseline run beside it, which saw the same
+    machine load. A ratio of two bests is moved by one lucky run of either side; this is not."""
+    return statistics.median(m / b for m, b in zip(mine, baseline, strict=True))
 
 
 def run(args):
@@ -276,13 +286,13 @@ def page(path: str, page_path: str, reps: int) -> None:
     page_path.write_text(f"""# What each method costs
 
 Made by `python benchmarks/method_cost.py` on the bundled SmolLM2-135M-Instruct (float32, CPU;
-{threads}). **prefill** is the best of {repetitions} prefill+compress times of `kvsqueeze.compress` (each
-method at its defaults, ratio 0.5 where it takes one) divided by the best of as many plain transformers prefills of the
-same tokens into a `DynamicCache`, alternated with them in one run, each run starting from a heap whose freed memory
-was given back to the system (as `compress` leaves it): 1.00x is no cost at all (every row carries its own
-plain prefill and full cache, so rows from separate runs, e.g. one per length, stand side by side). **decode**
-is seconds per generated token on the compressed cache over the full cache's (the question and 16 tokens, best of
-2, alternated with the full cache). **bytes held** is what the cache really holds, as a share of the full cache's; **peak MiB** the
+{threads}). **prefill** is the time of a prefill+compress by `kvsqueeze.compress` (each method at its defaults,
+ratio 0.5 where it takes one) over the time of a plain transformers prefill of the same tokens into a `DynamicCache`
+run just before it, the median over {repetitions} such alternated pairs (each run starting from a heap whose freed
+memory was given back to the system, as `compress` leaves it; every run's time is in the data file): 1.00x is no
+cost at all (every row carries its own plain prefill and full cache, so rows from separate runs, e.g. one per
+length, stand side by side). **decode** is seconds per generated token on the compressed cache over the full
+cache's (the question and 16 tokens, alternated with the full cache, the median pair ratio). **bytes held** is what the cache really holds, as a share of the full cache's; **peak MiB** the
 resident memory the prefill+compress added at its peak (both at the shortest length). A method with no
 **extra work** by design is held to 1.10x; one whose paper needs more (its docstring's "Inherent cost",
 `Method.extra_work`) to 1.15x of a plain prefill plus that work, measured in the same run at the same length

@@ -126,3 +126,23 @@ def test_a_cost_row_is_bounded_by_the_extra_work_measured_in_its_own_run(tmp_pat
     path.write_text("\n".join(json.dumps(r) for r in (row, later)) + "\n")
     text = method_cost().table(str(path), None)
     assert "1.60x (≤ 1.84x)" in text and "over" not in text
+
+
+def test_a_cost_ratio_is_the_median_of_alternated_pairs_not_moved_by_one_lucky_run():
+    pair_ratio = method_cost().pair_ratio
+    assert pair_ratio([1.1, 2.2, 1.05], [1.0, 2.0, 1.0]) == pytest.approx(1.1)  # the load doubled mid-run
+    assert pair_ratio([1.0, 1.0, 1.0], [1.0, 0.5, 1.0]) == pytest.approx(1.0)  # one lucky baseline
+    with pytest.raises(ValueError):
+        pair_ratio([1.0, 1.0], [1.0])
+
+
+def test_a_cost_row_keeps_every_run_it_was_measured_from():
+    model, ids = tiny_model(), random_ids(96)
+    full = kvsqueeze.compress(model, None, ids, check_window=False)
+    question = random_ids(4)
+    row = method_cost().measured(model, ids, question, kvsqueeze.KNorm(ratio=0.5), None, 2, full)
+    assert len(row["prefill_runs_s"]) == len(row["plain_prefill_runs_s"]) == 2
+    assert len(row["decode_runs_s"]) == len(row["full_decode_runs_s"]) == 2
+    pairs = [m / p for m, p in zip(row["prefill_runs_s"], row["plain_prefill_runs_s"])]
+    assert row["prefill_ratio"] == pytest.approx(sum(pairs) / 2)  # the median of two
+    assert row["bytes_share"] == pytest.approx(0.5, abs=0.05)
